@@ -23,7 +23,9 @@ _REMEDY = ("try --loss=weighted_bce --pos_weight=auto (or --loss=bce+fbeta) "
 
 def check_prediction_collapse(probs_std_per_label, mean_probs,
                               label_names: Optional[Sequence[str]] = None, *,
-                              std_floor: float = 1e-3, saturation: float = 1e-4) -> List[str]:
+                              std_floor: float = 1e-3, saturation: float = 1e-4,
+                              remedy: Optional[str] = None, what: str = "label",
+                              logit_std_floor: Optional[float] = None) -> List[str]:
     """Warns for each label whose validation predictions do not depend on the image.
 
     probs_std_per_label / mean_probs: the std and mean of each label's
@@ -33,7 +35,17 @@ def check_prediction_collapse(probs_std_per_label, mean_probs,
     std is below ``std_floor`` (the same answer for every image: the model
     outputs the label's prior). The saturation bound is small on purpose:
     a label with 1% prevalence legitimately has a mean around 0.01.
+    remedy / what: the advice ending each warning and the word for an output
+    (segmentation passes its own advice and "class").
+
+    logit_std_floor: judge "barely varies" on the logit scale instead, as
+    std < logit_std_floor * mean * (1 - mean) (the delta method: a logit
+    spread of d moves p by about p (1 - p) d). A fixed std_floor on
+    probabilities flags healthy rare labels -- at mean 0.01 a logit spread
+    of 0.07 is a probability std of 7e-4 -- while letting near-constant
+    common labels pass; 0.01 on logits equals std_floor=1e-3 at p = 0.9.
     """
+    remedy = _REMEDY if remedy is None else remedy
     std = np.asarray(probs_std_per_label, np.float64).reshape(-1)
     mean = np.asarray(mean_probs, np.float64).reshape(-1)
     if std.shape != mean.shape:
@@ -45,18 +57,18 @@ def check_prediction_collapse(probs_std_per_label, mean_probs,
     warnings = []
     for name, s, m in zip(names, std, mean):
         if not (math.isfinite(s) and math.isfinite(m)):
-            warnings.append(f"label '{name}': predictions are NaN or inf — the model has "
+            warnings.append(f"{what} '{name}': predictions are NaN or inf — the model has "
                             f"diverged; lower the learning rate")
         elif m <= saturation:
-            warnings.append(f"label '{name}': predictions sit at ~0 (mean {m:.1e}) — the label "
-                            f"is never predicted, the model learnt it is rare; {_REMEDY}")
+            warnings.append(f"{what} '{name}': predictions sit at ~0 (mean {m:.1e}) — the "
+                            f"{what} is never predicted, the model learnt it is rare; {remedy}")
         elif m >= 1.0 - saturation:
-            warnings.append(f"label '{name}': predictions sit at ~1 (mean {m:.6f}) — the label "
-                            f"is predicted for every image, the model learnt it is common; "
-                            f"{_REMEDY}")
-        elif s < std_floor:
-            warnings.append(f"label '{name}': predictions barely vary (std {s:.0e}, mean {m:.3f}) "
-                            f"— the model predicts the prior; {_REMEDY}")
+            warnings.append(f"{what} '{name}': predictions sit at ~1 (mean {m:.6f}) — the "
+                            f"{what} is predicted for every image, the model learnt it is common; "
+                            f"{remedy}")
+        elif s < (std_floor if logit_std_floor is None else logit_std_floor * m * (1.0 - m)):
+            warnings.append(f"{what} '{name}': predictions barely vary (std {s:.0e}, mean {m:.3f}) "
+                            f"— the model predicts the prior; {remedy}")
     return warnings
 
 

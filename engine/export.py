@@ -89,7 +89,8 @@ def export_saved_model(config: Config) -> str:
 
     step = int(trainer.global_step.numpy())
     size = config.model.input_size
-    module = ServingModule(trainer.model, size, multiclass=config.model.task == "multiclass",
+    module = ServingModule(trainer.model, size,  # segmentation: softmax over each pixel's classes
+                           multiclass=config.model.task in ("multiclass", "segmentation"),
                            thresholds=thresholds)
     target = os.path.join(model_dir, "export", str(step))
     if use_ema:

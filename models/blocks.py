@@ -125,6 +125,9 @@ _KEY_FNS = {
     "mobilenetv2": _mobilenetv2_key,
     "efficientnetb0": _efficientnetb0_key,
     "tiny_cnn": _tiny_cnn_key,
+    # segmentation encoders (models/segmentation.py), named by --seg_model
+    "unet": _tiny_cnn_key,
+    "deeplabv3plus": _mobilenetv2_key,
 }
 
 
@@ -138,8 +141,10 @@ def backbone_blocks(backbone_model, backbone_name):
     mobilenetv2: stem (Conv1), expanded_conv, block_1..block_16, top (Conv_1);
     efficientnetb0: stem, one block per block1a..block7a, top;
     tiny_cnn: block1..block4.
+    Segmentation encoders: unet: block1..block{depth+1}; deeplabv3plus:
+    MobileNetV2's blocks up to block_13 (where the encoder is cut).
     """
-    if backbone_name not in BACKBONES:
+    if backbone_name not in BACKBONES and backbone_name not in _KEY_FNS:
         raise ModelError(
             f"--backbone={backbone_name} is not one of {', '.join(BACKBONES)}"
         )

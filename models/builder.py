@@ -14,8 +14,9 @@ import keras
 from models.backbones import build_backbone, set_synchronized_bn, validate
 from models.errors import ModelError
 from models.preprocess import make_preprocess
+from models.segmentation import build_segmentation_model
 
-TASKS = ("multilabel", "multiclass")
+TASKS = ("multilabel", "multiclass", "segmentation")
 
 
 def build_head(num_features, num_outputs, dropout=0.0):
@@ -39,6 +40,9 @@ def build_model(
     sync_bn=False,
     seed=None,
     bn_momentum=None,
+    seg_model="unet",
+    unet_depth=4,
+    unet_filters=16,
 ):
     """A functional model "tapeworks": float32 [B, S, S, 3] pixels in [0, 255]
     -> logits [B, num_outputs] (float32, no activation, for either task).
@@ -48,7 +52,19 @@ def build_model(
     synchronized across replicas. seed: seed Keras, Python, NumPy and TF
     first so equal seeds give equal initial weights.
     Raises ModelError, whose one-line message names the flag, for bad input.
+
+    task="segmentation" builds models.segmentation's `seg_model` ("unet" or
+    "deeplabv3plus", with unet_depth/unet_filters) instead: per-pixel logits
+    [B, S, S, num_outputs]; `backbone` is then not used (the model brings its
+    own encoder).
     """
+    if task == "segmentation":
+        if dropout:
+            raise ModelError(f"--dropout={dropout} applies to the classification head; "
+                             f"--task=segmentation does not use it")
+        return build_segmentation_model(seg_model, input_size, num_outputs, weights=weights,
+                                        sync_bn=sync_bn, seed=seed, bn_momentum=bn_momentum,
+                                        unet_depth=unet_depth, unet_filters=unet_filters)
     validate(backbone, input_size)
     if not isinstance(num_outputs, numbers.Integral) or num_outputs < 1:
         raise ModelError(f"--num_labels={num_outputs} must be at least 1")
