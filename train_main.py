@@ -23,10 +23,11 @@ def _user_errors():
     """Exception types whose message is for the user, one line, no traceback."""
     from engine.config import ConfigError
     from engine.data import DataError
+    from engine.health import TrainingDiverged  # ran out of rollbacks: a diagnosis, one line
     from engine.losses import LossError
     from engine.state import StateError
     from models import ModelError
-    return (ConfigError, DataError, LossError, StateError, ModelError)
+    return (ConfigError, DataError, TrainingDiverged, LossError, StateError, ModelError)
 
 
 def _write_effective_flags(model_dir: str) -> None:

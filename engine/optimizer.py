@@ -160,3 +160,28 @@ def clip_by_global_norm(grads: List[tf.Tensor], clipnorm: float):
     if clipnorm and clipnorm > 0:
         grads, _ = tf.clip_by_global_norm(grads, clipnorm, use_norm=norm)
     return grads, norm
+
+
+def clip_gradients(grads: List[tf.Tensor], *, clipvalue: float = 0.0, clipnorm: float = 0.0,
+                   global_clipnorm: float = 0.0, norm=None) -> List[tf.Tensor]:
+    """Clips the already replica-summed gradients, in the order value, norm, global norm.
+
+    clipvalue: each element into [-clipvalue, clipvalue]; clipnorm: each
+    variable's gradient to at most that L2 norm; global_clipnorm: all of them
+    together to at most that global norm (Keras' meanings; unlike Keras, any
+    combination is allowed and applied in this order). `norm` is the global
+    norm of `grads` when the caller has it already (only used when nothing
+    before the global clip changed the gradients). 0 turns a clip off.
+    """
+    grads = list(grads)
+    if clipvalue and clipvalue > 0:
+        grads = [tf.clip_by_value(g, -clipvalue, clipvalue) for g in grads]
+        norm = None
+    if clipnorm and clipnorm > 0:
+        grads = [tf.clip_by_norm(g, clipnorm) for g in grads]
+        norm = None
+    if global_clipnorm and global_clipnorm > 0:
+        if norm is None:
+            norm = tf.linalg.global_norm(grads)
+        grads, _ = tf.clip_by_global_norm(grads, global_clipnorm, use_norm=norm)
+    return grads

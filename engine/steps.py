@@ -11,6 +11,22 @@ true global gradient (Keras would clip each replica's part first).
 Python dispatch cost is paid once per K steps; K arrives as a tensor, so a
 shorter last call of an epoch does not retrace. The variable lists are fixed
 when the function is built: build a new one when the phase changes.
+
+The non-finite guard: after the all-reduce every replica holds the same
+summed gradients and the same global loss, so all agree on
+`ok = isfinite(loss) and all(isfinite(grads))`. Each step is two
+`strategy.run` calls: forward/backward/all-reduce, then (only under
+`tf.cond(ok)`, in cross-replica context) clip + optimizer apply + the EMA
+update. The apply cannot sit in a cond inside the replica function:
+Keras' apply synchronizes replicas with `merge_call`, which MirroredStrategy
+refuses inside control flow of the replica function. The forward pass
+writes BatchNorm moving statistics (and dropout RNG state) itself, so the
+replica function reads those non-trainable variables before the forward
+pass and writes the values back under `tf.cond(not ok)`. A bad step thus
+changes no weight, slot, optimizer iteration count, EMA shadow or BN
+statistic; it is counted (health.StepGuard) and its batch is kept for a
+diagnosis. The global step still advances: it counts consumed batches,
+which is what the data position and the checkpoint numbering mean.
 """
 from __future__ import annotations
 
@@ -18,7 +34,8 @@ from typing import Callable, Dict, List, Optional
 
 import tensorflow as tf
 
-from engine.optimizer import ParamGroup, clip_by_global_norm
+from engine.health import StepGuard, StepSummaries
+from engine.optimizer import ParamGroup, clip_gradients
 
 
 def _local_slice(tensors, local_replicas: int):
@@ -34,17 +51,46 @@ def _local_slice(tensors, local_replicas: int):
     return tuple(out)
 
 
+def _forward_written_state(model) -> List:
+    """Non-trainable variables the forward pass of this phase writes.
+
+    BatchNorm moving statistics (and dropout seed-generator state) of layers
+    that run in training mode, i.e. leaf layers that are trainable now.
+    """
+    out, seen = [], set()
+
+    def walk(layer):
+        children = list(getattr(layer, "_layers", []))
+        if not children and layer.trainable:
+            for v in layer.non_trainable_variables:
+                if id(v) not in seen:
+                    seen.add(id(v))
+                    out.append(v)
+        for child in children:
+            walk(child)
+
+    walk(model)
+    return out
+
+
 def make_train_loop(*, model, loss_fn: Callable, groups: Dict[str, ParamGroup],
                     phase_variables: Dict[str, List], strategy, global_batch: int,
                     local_replicas: int, global_step: tf.Variable,
                     global_clipnorm: float = 0.0,
-                    after_step: Optional[Callable[[], None]] = None):
+                    after_step: Optional[Callable[[], None]] = None,
+                    clipnorm: float = 0.0, clipvalue: float = 0.0,
+                    guard: Optional[StepGuard] = None,
+                    summaries: Optional[StepSummaries] = None):
     """Returns (train_loop, trace_counter).
 
-    train_loop(iterator, num_steps) runs num_steps optimizer steps and returns
-    the mean loss and the last global gradient norm.
+    train_loop(iterator, num_steps) runs num_steps steps and returns the mean
+    loss over its good (finite) steps (NaN when none was) and the last
+    step's global gradient norm (replica-summed, before clipping).
     phase_variables: group name -> the variables that train in this phase.
     after_step: cross-replica work after each optimizer step (the EMA update).
+    guard: where bad steps are counted; one is made when None (it is then
+    trace_counter["guard"]). summaries: in-graph TensorBoard summaries,
+    written when a default writer is set around the calls.
     """
     names = [n for n in groups if phase_variables.get(n)]
     variables = [v for n in names for v in phase_variables[n]]
@@ -54,10 +100,17 @@ def make_train_loop(*, model, loss_fn: Callable, groups: Dict[str, ParamGroup],
         start += len(phase_variables[n])
     # The tape wants tf.Variables; Keras 3 variables wrap one in `.value`.
     watched = [v.value if not isinstance(v, tf.Variable) else v for v in variables]
-    traces = {"count": 0}
+    if guard is None:
+        with strategy.scope():
+            guard = StepGuard()
+    traces = {"count": 0, "guard": guard}
+    written = _forward_written_state(model)
+    summaries = summaries if summaries is not None and summaries.enabled else None
+    want_logits = summaries is not None and bool(summaries.image_every)
 
-    def replica_step(images, labels):
+    def replica_forward(images, labels):
         images, labels = _local_slice((images, labels), local_replicas)
+        before = [_tf_variable(v).read_value() for v in written]
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             # Watch only what trains: a frozen backbone's forward pass is then
             # not recorded at all, so a frozen step costs about a forward pass.
@@ -69,32 +122,81 @@ def make_train_loop(*, model, loss_fn: Callable, groups: Dict[str, ParamGroup],
                 loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
         grads = tape.gradient(loss, watched)
         grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables)]
+        # A finite loss can come with an overflowed BN batch variance: what the
+        # forward pass wrote must be finite too. Each replica judges its own
+        # statistics; the sum below makes every replica agree. (One sum per
+        # variable, not an elementwise check: a NaN or inf anywhere makes the
+        # total non-finite, and the guard costs few ops per step.)
+        stats_bad = tf.constant(0.0)
+        sums = [tf.reduce_sum(tf.cast(_tf_variable(v).read_value(), tf.float32))
+                for v in written if tf.as_dtype(v.dtype).is_floating]
+        if sums:
+            stats_bad = 1.0 - tf.cast(tf.math.is_finite(tf.add_n(sums)), tf.float32)
         ctx = tf.distribute.get_replica_context()
         if ctx.num_replicas_in_sync > 1:
-            grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
-        grads, norm = clip_by_global_norm(grads, global_clipnorm)
+            # One all-reduce: every replica then holds the global loss too.
+            loss, stats_bad, *grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM,
+                                                     [loss, stats_bad] + grads)
+        # The global norm is finite exactly when every gradient is (or it
+        # overflows float32, above ~1.8e19, a step also worth skipping).
+        norm = tf.linalg.global_norm(grads)
+        ok = tf.math.is_finite(loss) & tf.equal(stats_bad, 0.0) & tf.math.is_finite(norm)
+        if written:
+            def put_back():
+                for v, value in zip(written, before):
+                    v.assign(value)
+                return tf.constant(True)
+
+            tf.cond(ok, lambda: tf.constant(False), put_back)
+        return (loss, grads, norm, ok) + ((logits,) if want_logits else ())
+
+    def replica_apply(grads, norm):
+        grads = clip_gradients(grads, clipvalue=clipvalue, clipnorm=clipnorm,
+                               global_clipnorm=global_clipnorm, norm=norm)
         for n in names:
             lo, hi = bounds[n]
             groups[n].apply(grads[lo:hi], variables[lo:hi])
-        return loss, norm
+
+    def apply(grads, norm):
+        strategy.run(replica_apply, args=(grads, norm))
+        if after_step is not None:
+            after_step()
+        return tf.constant(True)
+
+    learning_rates = {n: (lambda n=n: groups[n].optimizer.learning_rate) for n in names}
 
     @tf.function
     def train_loop(iterator, num_steps):
         traces["count"] += 1  # Python side effect: runs once per trace.
         total = tf.constant(0.0)
+        good = tf.constant(0.0)
         norm = tf.constant(0.0)
+        first = strategy.experimental_local_results  # all replicas agree after the all-reduce
         for _ in tf.range(num_steps):
             images, labels = next(iterator)
-            loss, norm = strategy.run(replica_step, args=(images, labels))
-            total += strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
-            # Every replica holds the same norm: it is taken after the all-reduce.
-            norm = strategy.experimental_local_results(norm)[0]
+            out = strategy.run(replica_forward, args=(images, labels))
+            loss, grads, norm_r, ok_r = out[:4]
+            loss, norm, ok = first(loss)[0], first(norm_r)[0], first(ok_r)[0]
+            tf.cond(ok, lambda: apply(grads, norm_r), lambda: tf.constant(False))
+            guard.record(ok, images, labels)
+            total += tf.where(ok, loss, 0.0)
+            good += tf.cast(ok, tf.float32)
+            if summaries is not None:
+                logits = first(out[4])[0] if want_logits else None
+                summaries.write(
+                    step=global_step + 1, loss=loss, norm=norm,
+                    grads=[first(g)[0] for g in grads], variables=variables,
+                    learning_rates=learning_rates, bad_steps=guard.bad_steps,
+                    images=images, labels=labels, logits=logits)
             global_step.assign_add(1)
-            if after_step is not None:
-                after_step()
-        return total / tf.cast(num_steps, tf.float32), norm
+        mean = tf.where(good > 0, total / tf.maximum(good, 1.0), float("nan"))
+        return mean, norm
 
     return train_loop, traces
+
+
+def _tf_variable(v):
+    return v.value if not isinstance(v, tf.Variable) else v
 
 
 def make_eval_batch(*, model, loss_fn: Callable, strategy, local_replicas: int,
@@ -125,5 +227,43 @@ def make_eval_batch(*, model, loss_fn: Callable, strategy, local_replicas: int,
         probs = strategy.gather(probs, axis=0)[:n]
         per_example = strategy.gather(per_example, axis=0)[:n]
         return probs, per_example
+
+    return eval_batch
+
+
+def make_segmentation_eval_batch(*, model, loss_fn: Callable, strategy, local_replicas: int,
+                                 input_size: int, num_classes: int, one_hot: bool = False):
+    """make_eval_batch for per-pixel logits: (images, masks) -> (ids, loss, stats).
+
+    masks: int32 class ids [B, S, S], or one-hot float32 [B, S, S, C] with
+    one_hot=True. Returns the argmax class ids [B, S, S] int32 (taken here, on
+    the device, so only ids cross to the host), the loss [B], and per image
+    the sums over pixels of the softmax probabilities and of their squares
+    [B, 2, C] (what the collapse check needs). Short last batches are padded
+    and cut as in make_eval_batch.
+    """
+    label_spec = (tf.TensorSpec([None, input_size, input_size, num_classes], tf.float32)
+                  if one_hot else tf.TensorSpec([None, input_size, input_size], tf.int32))
+    spec = (tf.TensorSpec([None, input_size, input_size, 3], tf.float32), label_spec)
+
+    def replica_eval(images, labels):
+        images, labels = _local_slice((images, labels), local_replicas)
+        logits = model(images, training=False)
+        probs = tf.nn.softmax(tf.cast(logits, tf.float32))
+        stats = tf.stack([tf.reduce_sum(probs, axis=[1, 2]),
+                          tf.reduce_sum(tf.square(probs), axis=[1, 2])], axis=1)
+        return tf.argmax(logits, axis=-1, output_type=tf.int32), loss_fn(labels, logits), stats
+
+    @tf.function(input_signature=spec)
+    def eval_batch(images, labels):
+        n = tf.shape(images)[0]
+        pad = (-n) % local_replicas
+        images = tf.pad(images, [[0, pad], [0, 0], [0, 0], [0, 0]])
+        labels = tf.pad(labels, [[0, pad]] + [[0, 0]] * (labels.shape.rank - 1))
+        ids, per_example, stats = strategy.run(replica_eval, args=(images, labels))
+        ids = strategy.gather(ids, axis=0)[:n]
+        per_example = strategy.gather(per_example, axis=0)[:n]
+        stats = strategy.gather(stats, axis=0)[:n]
+        return ids, per_example, stats
 
     return eval_batch

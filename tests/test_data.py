@@ -1,6 +1,7 @@
 """Tests for engine.data: embedded set, exact-resume determinism, TFRecords, CSV, errors."""
 
 import json
+import re
 import os
 
 import numpy as np
@@ -303,3 +304,130 @@ def test_batch_size_errors(indexed):
     for bad in (0, 41):
         with pytest.raises(DataError, match=f"--batch_size={bad}"):
             data.steps_per_epoch(bad)
+
+
+# ---------------------------------------------------------------- bad records: named, or skipped and counted
+
+
+def _example(image, labels=(), vector=None, hw=None):
+    """One serialized record; image: uint8 array (PNG encoded here) or raw bytes."""
+    data = image if isinstance(image, bytes) else tf.io.encode_png(image).numpy()
+    feats = {"image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[data])),
+             "image/labels": tf.train.Feature(int64_list=tf.train.Int64List(value=list(labels)))}
+    if vector is not None:
+        feats["image/label_vector"] = tf.train.Feature(float_list=tf.train.FloatList(value=vector))
+    if hw is not None:
+        feats["image/height"] = tf.train.Feature(int64_list=tf.train.Int64List(value=[hw[0]]))
+        feats["image/width"] = tf.train.Feature(int64_list=tf.train.Int64List(value=[hw[1]]))
+    return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString()
+
+
+def _write(path, records):
+    with tf.io.TFRecordWriter(str(path)) as w:
+        for r in records:
+            w.write(r)
+    return str(path)
+
+
+def _corrupt_record(path, index):
+    """Flips a byte inside record `index`'s payload (its CRC no longer matches)."""
+    data = bytearray(open(path, "rb").read())
+    offset = 0
+    for _ in range(index):
+        offset += 8 + 4 + int.from_bytes(data[offset:offset + 8], "little") + 4
+    data[offset + 12 + 5] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+
+
+GOOD = _indexed_images(1, size=8)[0]
+TRUNCATED_PNG = tf.io.encode_png(GOOD).numpy()[:40]  # a PNG header, then nothing
+
+
+def _bad_dir(tmp_path, kinds):
+    """5 labels; train-00000 holds 12 good records with the given bad ones at 3, 7, 11 ...,
+    train-00001 4 good ones (its last one corrupt with 'corrupt'); val 4 good (+ an
+    undecodable one with 'val_decode')."""
+    bad = {"decode": _example(TRUNCATED_PNG, [0]),
+           "width": _example(GOOD, vector=[1.0, 0.0, 0.0, 0.0, 0.0, 1.0]),
+           "size": _example(_indexed_images(1, size=6)[0], [1], hw=(8, 8)),
+           "nan_label": _example(GOOD, vector=[0.0, np.nan, 0.0, 0.0, 0.0])}
+    records = [_example(GOOD, [i % 5], hw=(8, 8)) for i in range(12)]
+    for slot, kind in zip((3, 7, 11, 1), [k for k in kinds if k in bad]):
+        records.insert(slot, bad[kind])
+    _write(tmp_path / "train-00000-of-00002.tfrecord", records)
+    second = _write(tmp_path / "train-00001-of-00002.tfrecord",
+                    [_example(GOOD, vector=[0.5, 0.5, 0.0, 0.0, 1.0]) for _ in range(4)])
+    if "corrupt" in kinds:
+        _corrupt_record(second, 3)
+    val = [_example(GOOD, [2]) for _ in range(4)] + (
+        [_example(b"\x89PNG not really")] if "val_decode" in kinds else [])
+    _write(tmp_path / "val-00000-of-00001.tfrecord", val)
+    _write_labels_txt(tmp_path, list("abcde"))
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("kind, pattern", [
+    ("corrupt", r"train-00001-of-00002\.tfrecord record 3: cannot be read \(corrupt or cut short"),
+    ("width", r"train-00000-of-00002\.tfrecord record 3: label vector has 6 values; labels\.txt names 5"),
+    ("nan_label", r"train-00000-of-00002\.tfrecord record 3: label vector value nan is not in \[0, 1\]"),
+])
+def test_bad_records_found_when_opened_are_named(tmp_path, kind, pattern):
+    with pytest.raises(DataError, match=pattern):
+        open_data(_bad_dir(tmp_path, [kind]), str(tmp_path))
+
+
+@pytest.mark.parametrize("kind, split, pattern", [
+    ("decode", "train", r"train-00000-of-00002\.tfrecord record 3: image does not decode"),
+    ("size", "train", r"train-00000-of-00002\.tfrecord record 3: image is 6x6 but the record says 8x8"),
+    ("val_decode", "val", r"val-00000-of-00001\.tfrecord record 4: image does not decode \(Unknown image"),
+])
+def test_bad_records_met_when_read_are_named(tmp_path, kind, split, pattern):
+    data = open_data(_bad_dir(tmp_path, [kind]), str(tmp_path))
+    ds = (data.train_dataset(epoch=0, global_batch=4, input_size=8, seed=0) if split == "train"
+          else data.val_dataset(global_batch=4, input_size=8))
+    with pytest.raises(tf.errors.OpError) as caught:
+        _batches(ds)
+    error = data.explain_error(split, caught.value)
+    assert isinstance(error, DataError) and "\n" not in str(error)
+    assert re.search(pattern, str(error)), str(error)
+    assert "--skip_bad_records" in str(error)
+
+
+def test_skip_bad_records_leaves_them_out_and_counts_them(tmp_path):
+    kinds = ["decode", "width", "size", "nan_label", "corrupt", "val_decode"]
+    data = open_data(_bad_dir(tmp_path, kinds), str(tmp_path), skip_bad_records=True)
+    # train: 12 + 3 good, 4 bad in file 0, the corrupt last record of file 1; val: 1 bad
+    assert (data.num_train, data.num_val, data.skipped_records) == (15, 4, 6)
+    text = " ".join(data.bad_records)
+    for where in ("train-00000-of-00002.tfrecord record 1: label vector values must be in [0, 1]",
+                  "record 4: image does not decode", "record 8: label vector has 6 values",
+                  "record 12: image is 6x6 but the record says 8x8",
+                  "train-00001-of-00002.tfrecord record 3: cannot be read",
+                  "val-00000-of-00001.tfrecord record 4"):
+        assert where in text, (where, text)
+    hot = np.zeros(5)
+    for i in range(12):
+        hot[i % 5] += 1
+    hot += 3 * np.array([0.5, 0.5, 0.0, 0.0, 1.0])
+    np.testing.assert_allclose(data.label_prevalence, hot / 15)
+    xs, ys = zip(*_batches(data.train_dataset(epoch=0, global_batch=5, input_size=8, seed=0)))
+    assert len(xs) == 3 and np.all(np.isfinite(np.concatenate(xs)))
+    assert sorted(np.concatenate(ys).sum(1).tolist()) == [1.0] * 12 + [2.0] * 3
+    (xv, yv), = _batches(data.val_dataset(global_batch=8, input_size=8))
+    assert xv.shape[0] == 4
+
+
+def test_skip_bad_records_in_csv_data(tmp_path):
+    tags = _planet_dir(tmp_path)
+    with open(tmp_path / "labels.csv", "a") as f:
+        f.write("no_such_image,haze\n")
+    tf.io.write_file(str(tmp_path / "images" / "broken.png"), TRUNCATED_PNG)
+    with open(tmp_path / "labels.csv", "a") as f:
+        f.write("broken.png,clear\n")
+    with pytest.raises(DataError, match=r"labels\.csv line 14: image 'no_such_image' not found"):
+        open_data(str(tmp_path), str(tmp_path / "cache"), val_fraction=0.0)
+    data = open_data(str(tmp_path), str(tmp_path / "cache"), val_fraction=0.0,
+                     skip_bad_records=True)
+    assert data.num_train == 12 and data.skipped_records == 2
+    assert "labels.csv line 14" in data.bad_records[0] and "broken.png: image does not decode" in \
+        data.bad_records[1]

@@ -29,8 +29,12 @@ def find_csv(data_dir):
     return None
 
 
-def _read_rows(path, image_dir, files):
-    """[(resolved path, tags, image_name)] for one CSV, with one-line errors."""
+def _read_rows(path, image_dir, files, skipped=None):
+    """[(resolved path, tags, image_name)] for one CSV, with one-line errors.
+
+    skipped: a list to which a row naming no file is added (as its error
+    line) instead of raising (--skip_bad_records).
+    """
     name = os.path.basename(path)
     rows = []
     with open(path, newline="", encoding="utf-8-sig") as fh:
@@ -48,7 +52,11 @@ def _read_rows(path, image_dir, files):
             image = row[0].strip()
             found = next((c for c in (image, *(image + e for e in EXTENSIONS)) if c in files), None)
             if not image or found is None:
-                raise DataError(f"{name} line {reader.line_num}: image {image!r} not found in {image_dir}")
+                message = f"{name} line {reader.line_num}: image {image!r} not found in {image_dir}"
+                if skipped is None:
+                    raise DataError(message)
+                skipped.append(message)
+                continue
             rows.append((os.path.join(image_dir, found), row[1].split(), image))
     if not rows:
         raise DataError(f"{path} has a header but no rows")
@@ -60,15 +68,18 @@ def in_val(image_name, val_fraction):
     return h / 2.0**64 < val_fraction
 
 
-def read(data_dir, csv_path, val_fraction):
-    """Return (label_names, (train_paths, train_multi_hot), (val_paths, val_multi_hot), text)."""
+def read(data_dir, csv_path, val_fraction, skipped=None):
+    """Return (label_names, (train_paths, train_multi_hot), (val_paths, val_multi_hot), text).
+
+    skipped: see _read_rows.
+    """
     image_dir = os.path.join(data_dir, "images")
     image_dir = image_dir if os.path.isdir(image_dir) else data_dir
     files = set(os.listdir(image_dir))
-    rows = _read_rows(csv_path, image_dir, files)
+    rows = _read_rows(csv_path, image_dir, files, skipped)
     val_csv = os.path.join(data_dir, "val.csv")
     if os.path.isfile(val_csv):
-        train, val, how = rows, _read_rows(val_csv, image_dir, files), "val.csv"
+        train, val, how = rows, _read_rows(val_csv, image_dir, files, skipped), "val.csv"
     else:
         if not 0.0 <= val_fraction < 1.0:
             raise DataError(f"--val_fraction={val_fraction} must be in [0, 1)")

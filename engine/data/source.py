@@ -11,6 +11,15 @@ exact resume possible:
     -> decode, resize, flip seeded by (seed, epoch, index)
     -> batch(drop_remainder) -> prefetch
 
+Bad records: without --skip_bad_records a bad record stops the run with a
+one-line error naming file and record (a label problem when the data is
+opened; an image that does not decode or is not of its declared size when it
+is read: ``explain_error`` turns TensorFlow's error into that line). With it,
+``skip_bad_records`` loads every record once when the data is opened (decode
+included), and the pipelines leave out the ones that fail, before the epoch
+permutation, so counts, order and exact resume stay what they are for a
+clean data set; ``skipped_records`` counts them for the epoch report.
+
 The permutation is ``argsort(stateless_uniform(seed=(seed, epoch)))``, not
 ``Dataset.shuffle(seed=...)``: tf.data's shuffle order also depends on the
 global seed (tf.random.set_seed / keras.utils.set_random_seed change it), so
@@ -20,6 +29,7 @@ held in memory while the epoch starts.
 """
 
 import os
+import re
 
 import numpy as np
 import tensorflow as tf
@@ -43,14 +53,42 @@ def epoch_permutation(n, seed, epoch):
     return tf.argsort(keys, stable=True)
 
 
-def _decode(image_bytes, where, size):
-    """RGB float32 [size,size,3] in [0,255]; a non-PNG/JPEG payload fails naming its record."""
+def _decode(image_bytes, where, size, declared=None):
+    """RGB float32 [size,size,3] in [0,255]; a non-PNG/JPEG payload fails naming its record.
+
+    declared: the record's (height, width), (0, 0) for none; a decoded image
+    of another size fails naming its record.
+    """
     head = tf.strings.substr(image_bytes, 0, 4)
     ok = tf.logical_or(tf.equal(head, b"\x89PNG"), tf.equal(tf.strings.substr(head, 0, 2), b"\xff\xd8"))
     check = tf.debugging.Assert(ok, [tf.strings.join([where, ": image is not a PNG or JPEG"])])
     with tf.control_dependencies([check]):
         image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+    if declared is not None:
+        got = tf.shape(image, out_type=tf.int64)[:2]
+        fits = tf.logical_or(tf.reduce_all(tf.equal(declared, 0)), tf.reduce_all(tf.equal(got, declared)))
+        check = tf.debugging.Assert(fits, [tf.strings.join([
+            where, ": image is ", tf.strings.as_string(got[0]), "x", tf.strings.as_string(got[1]),
+            " but the record says ", tf.strings.as_string(declared[0]), "x",
+            tf.strings.as_string(declared[1])])])
+        with tf.control_dependencies([check]):
+            image = tf.identity(image)
     return tf.image.resize(tf.cast(image, tf.float32), [size, size], method="bilinear")
+
+
+def _error_line(error, where=None):
+    """One line from a TensorFlow error met while loading a record."""
+    text = getattr(error, "message", None) or str(error)
+    if "assertion failed:" in text:  # our own checks name file and record
+        return text.split("assertion failed:", 1)[1].strip().splitlines()[0].strip("[] ")
+    if "Summarized data:" in text:  # the same checks, run eagerly
+        line = text.split("Summarized data:", 1)[1].strip().splitlines()[0]
+        return re.sub(r"^b(['\"])(.*)\1$", r"\2", line)
+    first = re.sub(r"^\{\{[^}]*\}\}\s*", "", text.strip().splitlines()[0] if text.strip() else "")
+    first = first[:150] or type(error).__name__
+    what = "image does not decode" if isinstance(error, tf.errors.InvalidArgumentError) \
+        else "cannot be read"
+    return f"{where or 'a record'}: {what} ({first})"
 
 
 class DataSource:
@@ -71,6 +109,9 @@ class DataSource:
         self.num_val = int(num_val)
         self.label_prevalence = np.asarray(label_prevalence, np.float64)
         self.seed = seed  # open_data's seed; the pipelines take theirs explicitly
+        self.skipped_records = 0  # --skip_bad_records: records left out
+        self.bad_records = []  # ... and one line about each
+        self._bad = {}  # split -> indices (in file order) of records left out
 
     def __repr__(self):
         return f"DataSource({self.description})"
@@ -94,7 +135,7 @@ class DataSource:
             raise DataError(f"skip_batches={skip_batches} must be >= 0")
         n = self.num_train
         perm = epoch_permutation(n, seed, epoch)
-        ds = self._elements("train").batch(n).take(1)
+        ds = self._checked_elements("train").batch(n).take(1)
         ds = ds.map(lambda *cols: tuple(self._gather(c, perm, n) for c in cols)).unbatch()
         ds = ds.enumerate()
         if num_shards > 1:  # equal shares, so every worker runs the same number of steps
@@ -103,12 +144,8 @@ class DataSource:
         aug_key = _key(seed, epoch, _AUGMENT_SALT)
 
         def example(index, elem):
-            image_bytes, labels, where = self._to_example(*elem)
-            image = _decode(image_bytes, where, input_size)
-            if augment:
-                image = tf.image.stateless_random_flip_left_right(
-                    image, tf.random.experimental.stateless_fold_in(aug_key, index))
-            return image, labels
+            flip_seed = tf.random.experimental.stateless_fold_in(aug_key, index) if augment else None
+            return self._load(elem, input_size, flip_seed)
 
         ds = ds.map(lambda i, elem: example(i, elem), num_parallel_calls=AUTOTUNE, deterministic=True)
         return ds.batch(global_batch, drop_remainder=True).prefetch(AUTOTUNE)
@@ -118,10 +155,9 @@ class DataSource:
         self._check(global_batch, input_size)
 
         def example(*elem):
-            image_bytes, labels, where = self._to_example(*elem)
-            return _decode(image_bytes, where, input_size), labels
+            return self._load(elem, input_size, None)
 
-        ds = self._elements("val").map(example, num_parallel_calls=AUTOTUNE, deterministic=True)
+        ds = self._checked_elements("val").map(example, num_parallel_calls=AUTOTUNE, deterministic=True)
         return ds.batch(global_batch, drop_remainder=False).prefetch(AUTOTUNE)
 
     def _check(self, global_batch, input_size):
@@ -137,6 +173,121 @@ class DataSource:
         with tf.control_dependencies([check]):
             return tf.gather(column, perm)
 
+    def _load(self, elem, input_size, flip_seed):
+        """(image, labels) of one undecoded element; flip_seed None: no flip.
+
+        The one place an element is decoded; a source whose labels are images
+        too (segmentation masks) overrides it to resize and flip them alike.
+        """
+        image_bytes, labels, where, *declared = self._to_example(*elem)
+        image = _decode(image_bytes, where, input_size, declared[0] if declared else None)
+        if flip_seed is not None:
+            image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+        return image, labels
+
+    # ------------------------------------------------------------ bad records
+    def _checked_elements(self, split):
+        """_elements(split) without the records skip_bad_records left out."""
+        ds = self._elements(split)
+        bad = self._bad.get(split)
+        if bad is None or not len(bad):
+            return ds
+        bad = tf.constant(bad, tf.int64)
+        return ds.enumerate().filter(
+            lambda i, elem: tf.logical_not(tf.reduce_any(tf.equal(i, bad)))).map(lambda i, elem: elem)
+
+    def _check_pass(self, split):
+        """(index, labels) of every record that loads, in file order (each one decoded once)."""
+        def load(i, elem):
+            image, labels = self._load(elem, 8, None)  # every check runs; 8 px: a cheap resize
+            # Outputs that depend on the decoded pixels: tf.data prunes a decode
+            # whose result is unused (an undecodable image would then pass).
+            used = tf.reduce_sum(image) + tf.reduce_sum(tf.cast(labels, tf.float32))
+            return i, labels, used
+
+        return (self._elements(split).enumerate()
+                .map(load, num_parallel_calls=AUTOTUNE, deterministic=True).ignore_errors()
+                .map(lambda i, labels, used: (i, labels)))
+
+    def _where(self, elem):
+        """The 'where' string of an element, for messages (runs no check)."""
+        try:
+            pair = getattr(self, "_pair", None)
+            return (pair(*elem) if pair is not None else self._to_example(*elem))[2]
+        except tf.errors.OpError:
+            return "a record"
+
+    def _describe(self, split, indices):
+        """One line for each record at these indices: why it does not load."""
+        wanted = tf.constant(sorted(indices), tf.int64)
+        lines = []
+        for _, elem in self._elements(split).enumerate().filter(
+                lambda i, elem: tf.reduce_any(tf.equal(i, wanted))):
+            try:
+                self._load(elem, 8, None)
+                lines.append(f"{_as_text(self._where(elem))}: loads now (changed meanwhile?)")
+            except tf.errors.OpError as e:
+                lines.append(_error_line(e, _as_text(self._where(elem))))
+        return lines
+
+    def skip_bad_records(self, unreadable=()):
+        """Finds every record that does not load and leaves it out of both splits.
+
+        unreadable: lines about records the source could not even read (a
+        corrupt TFRecord tail), counted as one each. Updates the counts, the
+        label prevalence (when labels are vectors) and the description.
+        """
+        self.bad_records = list(unreadable)
+        self.skipped_records = len(self.bad_records)
+        for split in ("train", "val"):
+            total = int(self._elements(split).reduce(np.int64(0), lambda n, _: n + 1))
+            good, sums = [], None
+            for i, labels in self._check_pass(split).batch(1024):
+                good.append(i.numpy())
+                if labels.shape.rank == 2:
+                    part = labels.numpy().astype(np.float64).sum(0)
+                    sums = part if sums is None else sums + part
+            good = np.concatenate(good) if good else np.zeros([0], np.int64)
+            bad = np.setdiff1d(np.arange(total, dtype=np.int64), good)
+            self._bad[split] = bad
+            if len(bad):
+                self.bad_records += self._describe(split, bad[:5])
+                if len(bad) > 5:
+                    self.bad_records.append(f"... and {len(bad) - 5} more bad {split} records")
+            self.skipped_records += len(bad)
+            if split == "train":
+                self.num_train = len(good)
+                if sums is not None and len(good):
+                    self.label_prevalence = sums / len(good)
+            else:
+                self.num_val = len(good)
+        if self.num_train == 0:
+            raise DataError(f"{self.description}: no training record loads "
+                            f"({self.bad_records[0] if self.bad_records else ''})")
+        if self.skipped_records:
+            self.description += f"; {self.skipped_records} bad records left out"
+
+    def explain_error(self, split, error):
+        """A DataError naming the file and record behind a TensorFlow error, else None.
+
+        Our own checks already name them; for an image that does not decode,
+        this loads the split's records in file order until it finds it.
+        """
+        text = getattr(error, "message", None) or str(error)
+        if "assertion failed:" in text:
+            return DataError(_error_line(error) + " (--skip_bad_records leaves such records out)")
+        expected = 0
+        for i, _ in self._check_pass(split):
+            if int(i) != expected:
+                break
+            expected += 1
+        else:
+            total = int(self._elements(split).reduce(np.int64(0), lambda n, _: n + 1))
+            if expected >= total:
+                return None
+        line = self._describe(split, [expected])[0]
+        return DataError(line + " (--skip_bad_records leaves such records out)")
+
     def _elements(self, split):
         raise NotImplementedError
 
@@ -145,15 +296,25 @@ class DataSource:
 
 
 class _TFRecordSource(DataSource):
-    def __init__(self, files, **kw):
+    def __init__(self, files, counts=None, **kw):
         super().__init__(**kw)
         self._files = files
+        self._counts = counts or {}  # split -> records readable per file (None: all)
 
     def _elements(self, split):
-        return tfrecord.file_records(self._files[split])
+        return tfrecord.file_records(self._files[split], self._counts.get(split))
 
     def _to_example(self, serialized, filename, index):
-        return tfrecord.parse(serialized, filename, index, self.num_labels)
+        return tfrecord.parse(serialized, filename, index, self.num_labels, with_size=True)
+
+    def _where(self, elem):
+        _, filename, index = elem
+        return tf.strings.join([filename, " record ", tf.strings.as_string(index)])
+
+
+def _as_text(value):
+    value = value.numpy() if hasattr(value, "numpy") else value
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class _CsvSource(DataSource):
@@ -181,7 +342,7 @@ def _read_labels_txt(path):
     return names
 
 
-def _open_tfrecords(data_dir, source, seed):
+def _open_tfrecords(data_dir, source, seed, skip_bad_records=False):
     def glob(*patterns):
         return sorted({f for p in patterns for f in tf.io.gfile.glob(os.path.join(data_dir, p))})
 
@@ -189,37 +350,65 @@ def _open_tfrecords(data_dir, source, seed):
     if not files["val"]:
         raise DataError(f"--data_dir={data_dir} has train-*.tfrecord files but no val-*.tfrecord files")
     names = _read_labels_txt(os.path.join(data_dir, "labels.txt"))
-    num_train, positives = tfrecord.scan(files["train"], len(names))
-    num_val, _ = tfrecord.scan(files["val"], len(names))
+    if skip_bad_records:
+        counts, unreadable = {}, []
+        for split in ("train", "val"):
+            counts[split], lines = tfrecord.scan(files[split], len(names), skip_bad=True)
+            unreadable += lines
+        num_train, num_val = sum(counts["train"]), sum(counts["val"])
+        positives = np.zeros(len(names))  # recounted over the records that load
+    else:
+        counts, unreadable = None, ()
+        num_train, positives = tfrecord.scan(files["train"], len(names))
+        num_val, _ = tfrecord.scan(files["val"], len(names))
     if num_train == 0:
         raise DataError(f"--data_dir={data_dir}: the train-*.tfrecord files hold no records")
     desc = (f"{source} {data_dir} ({num_train} train / {num_val} val, {len(names)} labels, "
             f"{len(files['train'])}+{len(files['val'])} files)")
-    return _TFRecordSource(files, label_names=names, source=source, description=desc, num_train=num_train,
-                           num_val=num_val, label_prevalence=positives / num_train, seed=seed)
+    data = _TFRecordSource(files, counts=counts, label_names=names, source=source, description=desc,
+                           num_train=num_train, num_val=num_val,
+                           label_prevalence=positives / num_train, seed=seed)
+    if skip_bad_records:
+        data.skip_bad_records(unreadable)
+    return data
 
 
-def open_data(data_dir, cache_dir, seed=0, val_fraction=0.1):
+def open_data(data_dir, cache_dir, seed=0, val_fraction=0.1, task="multilabel",
+              skip_bad_records=False):
     """Open the user's data (TFRecords, or images + CSV) or, with no data_dir, the embedded set.
+
+    task="segmentation" opens segmentation data instead (engine/data/segmentation.py):
+    the embedded segmentation set, TFRecords with masks, or images/ + masks/.
 
     ``seed`` is kept on the DataSource for the caller; it does not change the
     embedded data (fixed generator seed) nor the CSV validation split (a hash
     of the image name), so validation numbers stay comparable across seeds.
     """
+    if task == "segmentation":
+        from engine.data.segmentation import open_segmentation_data  # it builds on this module
+        data = open_segmentation_data(data_dir, cache_dir, seed=seed, val_fraction=val_fraction)
+        if skip_bad_records:
+            data.skip_bad_records()
+        return data
     if not data_dir:
-        return _open_tfrecords(embedded.ensure(os.path.expanduser(cache_dir)), "embedded", seed)
+        return _open_tfrecords(embedded.ensure(os.path.expanduser(cache_dir)), "embedded", seed,
+                               skip_bad_records)
     data_dir = os.path.expanduser(data_dir)
     if not os.path.exists(data_dir):
         raise DataError(f"--data_dir={data_dir} does not exist")
     if not os.path.isdir(data_dir):
         raise DataError(f"--data_dir={data_dir} is not a directory")
     if tf.io.gfile.glob(os.path.join(data_dir, "train-*.tfrecord*")):
-        return _open_tfrecords(data_dir, "tfrecord", seed)
+        return _open_tfrecords(data_dir, "tfrecord", seed, skip_bad_records)
     csv_path = csv_source.find_csv(data_dir)
     if csv_path is None:
         raise DataError(f"--data_dir={data_dir} has no train-*.tfrecord files and no labels.csv")
-    names, train, val, how = csv_source.read(data_dir, csv_path, val_fraction)
+    missing = [] if skip_bad_records else None  # rows naming no file: listed, not raised
+    names, train, val, how = csv_source.read(data_dir, csv_path, val_fraction, skipped=missing)
     desc = f"csv {how} ({len(train[0])} train / {len(val[0])} val, {len(names)} labels)"
-    return _CsvSource({"train": train, "val": val}, label_names=names, source="csv", description=desc,
+    data = _CsvSource({"train": train, "val": val}, label_names=names, source="csv", description=desc,
                       num_train=len(train[0]), num_val=len(val[0]), label_prevalence=train[1].mean(0),
                       seed=seed)
+    if skip_bad_records:
+        data.skip_bad_records(missing)
+    return data
