@@ -3,16 +3,29 @@
     run_benchmark(config) -> one record per arm (also printed as a table and
                              appended to model_dir/benchmark.jsonl)
 
-An arm is one way of running train steps: the engine's train loop on a
-synthetic input (one in-memory batch repeated) or on the real input (the
-trainer's own training pipeline, repeated so it never runs dry), or Keras
-`model.fit` on the same model and synthetic data (steps_per_execution 1 and
-K = steps_per_loop), for comparison.
+An arm is one way of running train steps. The main arms run the engine's
+train loop on a synthetic input (one in-memory batch repeated) or on the real
+input (the trainer's own training pipeline, repeated so it never runs dry).
+--benchmark_compare adds arms, each timed side by side with the main
+synthetic arm ("engine/synthetic", the reference) in the same process:
+
+  keras_fit  Keras `model.fit` on the same model and synthetic data
+             (steps_per_execution 1 and K = steps_per_loop): engine / fit
+  ema        a second Trainer, identical but with EMA on (decay 0.999) if
+             the run has it off, else off: EMA on / off
+  frozen     a second Trainer entered in the other phase: frozen / unfrozen
+  mirrored1  a second Trainer under a MirroredStrategy with ONE replica
+             (the default strategy's device): mirrored x1 / default
+  k1         the same trainer and traced loop called with 1 step per call
+             (K is a tensor: no retrace): K=1 / K
+
+Each Trainer builds its own model (and optimizer, EMA) from the same config
+and seed, so the arms differ only in the one thing compared.
 
 How it is timed, so that numbers from a noisy shared machine mean something:
-  * Building the model and tracing the step are not timed; the first call of
-    each arm is reported apart as time_to_first_step_s (for the first engine
-    arm it includes the trace; for a fit arm, fit's compile).
+  * Building the models and tracing the step are not timed; the first call of
+    each arm is reported apart as time_to_first_step_s (for the first arm of
+    each trainer it includes the trace; for a fit arm, fit's compile).
   * Each arm then warms up for half a window, untimed.
   * A window is repeated calls of K steps for at least window_s seconds of
     wall time, then ONE host sync (a float of the last loss); its rate is
@@ -20,8 +33,8 @@ How it is timed, so that numbers from a noisy shared machine mean something:
   * Before each window, a full garbage collection (untimed, for every arm).
   * Windows of all arms are ALTERNATED (round r runs every arm once, the
     order rotated by r), so a slow minute on the machine hits every arm, and
-    ratios (engine / fit, real / synthetic) are taken per round, between
-    windows measured side by side, then summarized by median and min-max.
+    every ratio is taken per round, between windows measured side by side,
+    then summarized by median and min-max.
   * Fit windows are timed by a callback from the first batch's begin to the
     begin of the batch after the window ends (where it reads the optimizer's
     step counter, a sync, and stops fit). So fit's per-call set-up (dataset
@@ -30,11 +43,43 @@ How it is timed, so that numbers from a noisy shared machine mean something:
     not change how Keras dispatches batch-end work; on the TF backend Keras
     converts the logs to Python numbers after every execution in any case,
     i.e. one host sync per steps_per_execution steps).
+  * A background tf.data pipeline (the real arm's prefetch) may still fill
+    its buffer for a moment after its own window: a small cost that lands
+    at the start of the next arm's window.
+
+FLOPs (flops_per_step): TensorFlow's profiler (tf.compat.v1.profiler,
+float_operation) over a traced graph of ONE train step's computation on
+the global batch: the forward pass in training mode, the loss, and
+tape.gradient with respect to the variables that train in the arm's phase,
+as replica_forward in engine/steps.py does. So a frozen backbone is counted as
+forward of the whole model + backward of the head only (the tape does not
+record the frozen backbone), and frozen BatchNorm in inference mode. The
+profiler has no FLOP statistics for depthwise-convolution gradients
+(MobileNetV2); those are added here at the forward op's cost (2 x output
+elements x kernel area). Not counted: the optimizer and EMA updates (a few
+element-wise FLOPs per parameter, < 1% here), and ops without FLOP
+statistics (BatchNorm, casts). The profiler counts the whole graph as
+written, e.g. the first convolution's input gradient that the runtime
+prunes (tiny). achieved_flops_per_sec = flops_per_step x median steps/s;
+fraction_of_peak divides it by the best 2048 x 2048 matmul (2 n^3 FLOPs,
+in the policy's compute dtype; best of 3 after one untimed) timed in this
+process before the windows and after every round. On a busy machine the
+peak reads low and the fraction high (even > 1): compare fractions from a
+quiet machine only.
+
+Precision: --mixed_precision=bfloat16 sets Keras' "mixed_bfloat16" policy
+before any model is built (the head keeps float32 logits, weights stay
+float32) and restores the previous policy at the end. --jit_compile needs
+the train step itself to be XLA-compiled, which engine/steps.py does not
+offer yet: the run checks the traced loop for XLA and stops with a
+ConfigError rather than time an uncompiled step under an XLA label.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -45,11 +90,22 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from engine import freeze
-from engine.config import Config
+from engine import distribute, freeze
+from engine.config import Config, ConfigError
 from engine.optimizer import _make_keras_optimizer, make_schedule
 
 SYNTHETIC, REAL = "synthetic", "real"
+REFERENCE = "engine/synthetic"  # every comparison is timed against this arm
+EMA_DECAY = 0.999  # --benchmark_compare=ema turns EMA on with this decay
+MATMUL_N, MATMUL_REPEATS = 2048, 3
+
+# Targets from the tracker, checked on the records: ratio prefix ->
+# (lowest acceptable median, the backbones it applies to; None: all).
+TARGETS = {
+    "ema_over_off": (0.97, None),  # EMA costs at most 3%
+    "frozen_over_unfrozen": (3.0, ("inceptionv3",)),
+    "mirrored1_over_default": (0.95, None),
+}
 
 
 # ----------------------------------------------------------------- arms
@@ -58,10 +114,11 @@ class _Arm:
 
     kind = "engine"
 
-    def __init__(self, name: str, input_kind: str, steps_per_loop: int):
+    def __init__(self, name: str, input_kind: str, steps_per_loop: int, trainer):
         self.name = name
         self.input = input_kind
         self.steps_per_loop = steps_per_loop
+        self.trainer = trainer  # whose model (and phase, EMA, strategy) the arm trains
         self.time_to_first_step_s: Optional[float] = None
         self.samples: List[Tuple[int, float]] = []
         self.cores_busy: List[float] = []
@@ -91,8 +148,7 @@ class _EngineArm(_Arm):
     """The trainer's traced train loop over one iterator, K steps per call."""
 
     def __init__(self, name, input_kind, trainer, dataset, steps_per_loop):
-        super().__init__(name, input_kind, steps_per_loop)
-        self.trainer = trainer
+        super().__init__(name, input_kind, steps_per_loop, trainer)
         self.dataset = dataset
         self.iterator = None
         self.k = tf.constant(steps_per_loop, tf.int32)
@@ -116,6 +172,19 @@ class _EngineArm(_Arm):
                 break
         float(loss)  # the one host sync of the window
         return calls * self.steps_per_loop, time.perf_counter() - start
+
+    def xla_compiled(self) -> bool:
+        """Whether the traced loop runs its step under XLA (a function marked must-compile)."""
+        concrete = self.trainer.train_loop.get_concrete_function(self.iterator, self.k)
+        graph = concrete.graph.as_graph_def()
+        if any(_must_compile(node.attr) for node in graph.node):
+            return True
+        return any(_must_compile(f.attr) or any(_must_compile(n.attr) for n in f.node_def)
+                   for f in graph.library.function)
+
+
+def _must_compile(attrs) -> bool:
+    return "_XlaMustCompile" in attrs and attrs["_XlaMustCompile"].b
 
 
 class _FitWindow(keras.callbacks.Callback):
@@ -161,8 +230,9 @@ class _FitArm(_Arm):
     kind = "keras_fit"
     _MANY_STEPS = 10 ** 8  # steps_per_epoch of a window; the callback stops it
 
-    def __init__(self, trainer, dataset, steps_per_execution):
-        super().__init__(f"keras_fit/spe={steps_per_execution}", SYNTHETIC, steps_per_execution)
+    def __init__(self, trainer, dataset, steps_per_execution, jit_compile=False):
+        super().__init__(f"keras_fit/spe={steps_per_execution}", SYNTHETIC, steps_per_execution,
+                         trainer)
         c = trainer.config
         self.dataset = dataset
         self.steps_per_execution = steps_per_execution
@@ -176,7 +246,8 @@ class _FitArm(_Arm):
             self.optimizer = _make_keras_optimizer(c.optimizer, schedule,
                                                    name=f"fit_spe{steps_per_execution}")
             self.model.compile(optimizer=self.optimizer, loss=_KerasLoss(trainer.loss_fn),
-                               steps_per_execution=steps_per_execution, jit_compile=False)
+                               steps_per_execution=steps_per_execution,
+                               jit_compile=bool(jit_compile))
 
     def warm_up(self, window_s):
         tic = time.perf_counter()
@@ -194,6 +265,91 @@ class _FitArm(_Arm):
         if timer.end is None:
             raise RuntimeError(f"{self.name}: fit ended before the {window_s} s window did")
         return timer.steps, timer.end - timer.start
+
+
+@contextlib.contextmanager
+def _trainer_strategy(strategy):
+    """Trainers built inside use `strategy` instead of one made from the config.
+
+    Trainer makes its strategy with distribute.make_strategy(name,
+    num_virtual_cpus) and has no way yet to take a device list, so a
+    one-replica MirroredStrategy on a CPU split into several devices (the test
+    session) cannot be asked for through the config. Single-threaded use only.
+    """
+    make = distribute.make_strategy
+    distribute.make_strategy = lambda *args, **kwargs: strategy
+    try:
+        yield
+    finally:
+        distribute.make_strategy = make
+
+
+# ---------------------------------------------------------------- FLOPs
+_DEPTHWISE_GRADS = ("DepthwiseConv2dNativeBackpropInput", "DepthwiseConv2dNativeBackpropFilter")
+
+
+def graph_flops(fn, *specs) -> int:
+    """FLOPs of fn's traced graph: TF's profiler, plus the depthwise-conv gradients it omits."""
+    graph = tf.function(fn).get_concrete_function(*specs).graph
+    builder = tf.compat.v1.profiler.ProfileOptionBuilder
+    options = builder(builder.float_operation()).with_empty_output().build()
+    logger = tf.get_logger()
+    level = logger.level
+    logger.setLevel("ERROR")  # the profiler uses deprecated TF1 helpers and says so
+    try:
+        total = tf.compat.v1.profiler.profile(graph=graph, options=options).total_float_ops
+    finally:
+        logger.setLevel(level)
+    for op in graph.get_operations():
+        if op.type not in _DEPTHWISE_GRADS:
+            continue
+        # As the forward DepthwiseConv2dNative: 2 x output elements x kernel area.
+        kernel = op.inputs[1].shape if op.type.endswith("Input") else op.outputs[0].shape
+        out_backprop = op.inputs[2].shape
+        total += 2 * out_backprop.num_elements() * kernel[0] * kernel[1]
+    return int(total)
+
+
+def train_step_flops(model, loss_fn, images, labels) -> Dict[str, int]:
+    """FLOPs of one train step on a batch like (images, labels), in the model's current phase.
+
+    {"step": forward + loss + gradients of what trains now, "forward": forward only}.
+    Mirrors replica_forward in engine/steps.py (the tape watches only the
+    trainable variables) without the optimizer update; see the module text.
+    """
+    variables = [v if isinstance(v, tf.Variable) else v.value for v in model.trainable_variables]
+    batch = int(images.shape[0])
+
+    def forward(x):
+        return model(x, training=True)
+
+    def step(x, y):
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(variables)
+            logits = model(x, training=True)
+            loss = tf.reduce_sum(loss_fn(y, logits)) / batch
+            if model.losses:
+                loss += tf.add_n(model.losses)
+        return tape.gradient(loss, variables)
+
+    x = tf.TensorSpec(images.shape, images.dtype)
+    y = tf.TensorSpec(labels.shape, labels.dtype)
+    return {"step": graph_flops(step, x, y), "forward": graph_flops(forward, x)}
+
+
+def matmul_peak_flops(dtype: str = "float32", n: int = MATMUL_N,
+                      repeats: int = MATMUL_REPEATS) -> float:
+    """FLOP/s of the fastest of `repeats` n x n matmuls (2 n^3 FLOPs each), after one untimed."""
+    a = tf.cast(tf.random.stateless_uniform([n, n], seed=[1, 2]), dtype)
+    b = tf.cast(tf.random.stateless_uniform([n, n], seed=[3, 4]), dtype)
+    best = math.inf
+    for i in range(repeats + 1):
+        tic = time.perf_counter()
+        c = tf.linalg.matmul(a, b)
+        c[0, 0].numpy()  # the result exists
+        if i:
+            best = min(best, time.perf_counter() - tic)
+    return 2.0 * n ** 3 / best
 
 
 # -------------------------------------------------------------- machine
@@ -250,6 +406,14 @@ def _trace_count(trainer) -> int:
     return int(trainer.train_loop.experimental_get_tracing_count())
 
 
+def target_for(prefix: str, backbone: str) -> Optional[float]:
+    """The tracker's lowest acceptable median for a ratio, if it has one for this backbone."""
+    if prefix not in TARGETS:
+        return None
+    low, backbones = TARGETS[prefix]
+    return low if backbones is None or backbone in backbones else None
+
+
 # ------------------------------------------------------------------ run
 def run_benchmark(config: Config) -> List[Dict[str, object]]:
     """Benchmarks the train step for config; returns one record per arm.
@@ -258,10 +422,21 @@ def run_benchmark(config: Config) -> List[Dict[str, object]]:
     Records are appended to model_dir/benchmark.jsonl and printed (a table,
     then one JSON line per arm).
     """
+    config = config.validated()
+    previous = keras.config.dtype_policy()
+    if config.train.mixed_precision == "bfloat16":
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        return _run(config)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+def _run(config: Config) -> List[Dict[str, object]]:
     from engine.trainer import Trainer  # here: the table helpers need no trainer
 
-    config = config.validated()
     b = config.benchmark
+    compares = b.compares()
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
     load_start = _loadavg()
     tic = time.perf_counter()
@@ -277,27 +452,96 @@ def run_benchmark(config: Config) -> List[Dict[str, object]]:
         input_size=c.model.input_size, seed=c.train.seed, augment=c.data.augment,
         num_shards=trainer.num_workers, shard_index=trainer.worker_index)
     # Synthetic: the first real batch, kept in memory and repeated.
-    synthetic = tf.data.Dataset.from_tensors(next(iter(epoch_dataset()))).repeat()
+    first_batch = next(iter(epoch_dataset()))
+    synthetic = tf.data.Dataset.from_tensors(first_batch).repeat()
     # Real: the trainer's pipeline, one epoch after another (each repeat
     # re-runs the epoch's start-up work, as a new epoch in training does).
     real = epoch_dataset().repeat()
 
+    # Each comparison: (record that carries it, ratio prefix, label, numerator, denominator).
     arms: List[_Arm] = []
-    if b.input in (SYNTHETIC, "both") or b.compare == "keras_fit":
-        arms.append(_EngineArm("engine/synthetic", SYNTHETIC, trainer, synthetic, k))
+    ratios: List[Tuple[str, str, str, str, str]] = []
+    if b.input in (SYNTHETIC, "both") or compares:
+        arms.append(_EngineArm(REFERENCE, SYNTHETIC, trainer, synthetic, k))
     if b.input in (REAL, "both"):
         arms.append(_EngineArm("engine/real", REAL, trainer, real, k))
-    if b.compare == "keras_fit":
-        arms += [_FitArm(trainer, synthetic, spe) for spe in sorted({1, k})]
+        if b.input == "both" or compares:
+            ratios.append(("engine/real", "real_over_synthetic",
+                           "real / synthetic (input-bound fraction)", "engine/real", REFERENCE))
+    if "keras_fit" in compares:
+        for spe in sorted({1, k}):
+            arm = _FitArm(trainer, synthetic, spe, jit_compile=c.train.jit_compile)
+            arms.append(arm)
+            ratios.append((arm.name, "engine_over_fit", f"engine / {arm.name}", REFERENCE,
+                           arm.name))
+    tic = time.perf_counter()
 
-    for arm in arms:
+    def variant(**train) -> Config:  # the run's config with one train setting changed
+        return c.replace(train=train, benchmark={"compare": "none"})
+
+    if "ema" in compares:
+        decay = 0.0 if c.train.ema_decay else EMA_DECAY
+        other = Trainer(variant(ema_decay=decay))
+        other._enter_phase(phase)
+        arm = _EngineArm(f"engine/ema={decay or 'off'}", SYNTHETIC, other, synthetic, k)
+        arms.append(arm)
+        on, off = (arm.name, REFERENCE) if decay else (REFERENCE, arm.name)
+        ratios.append((arm.name, "ema_over_off",
+                       f"EMA {decay or c.train.ema_decay} / EMA off", on, off))
+    if "frozen" in compares:
+        other_phase = freeze.UNFROZEN if phase == freeze.FROZEN else freeze.FROZEN
+        other = Trainer(variant())
+        other._enter_phase(other_phase)
+        arm = _EngineArm(f"engine/{other_phase}", SYNTHETIC, other, synthetic, k)
+        arms.append(arm)
+        frozen, unfrozen = ((arm.name, REFERENCE) if other_phase == freeze.FROZEN
+                            else (REFERENCE, arm.name))
+        ratios.append((arm.name, "frozen_over_unfrozen", "frozen / unfrozen", frozen, unfrozen))
+    if "mirrored1" in compares:
+        # One replica on the device the default strategy uses.
+        device = "/gpu:0" if tf.config.list_logical_devices("GPU") else "/cpu:0"
+        with _trainer_strategy(distribute.mirrored_strategy([device])):
+            other = Trainer(variant(strategy="mirrored"))
+        other._enter_phase(phase)
+        arm = _EngineArm("engine/mirrored1", SYNTHETIC, other, synthetic, k)
+        arms.append(arm)
+        ratios.append((arm.name, "mirrored1_over_default",
+                       "mirrored x1 / default strategy", arm.name, REFERENCE))
+    if "k1" in compares:
+        arm = _EngineArm("engine/K=1", SYNTHETIC, trainer, synthetic, 1)
+        arms.append(arm)
+        ratios.append((arm.name, "k1_over_k", f"K=1 / K={k}", arm.name, REFERENCE))
+    build_s += time.perf_counter() - tic
+    trainers = list({id(arm.trainer): arm.trainer for arm in arms}.values())
+
+    # FLOPs per phase (every trainer has the same architecture), peak matmul rate.
+    images, labels = first_batch
+    flops: Dict[str, Dict[str, int]] = {}
+    tic = time.perf_counter()
+    for t in trainers:
+        if t.phase not in flops:
+            flops[t.phase] = train_step_flops(t.model, t.loss_fn, images, labels)
+    flops_s = time.perf_counter() - tic
+    compute_dtype = keras.config.dtype_policy().compute_dtype
+    peaks = [matmul_peak_flops(compute_dtype)]
+
+    for i, arm in enumerate(arms):
         arm.warm_up(b.window_s)
-    traces_before = _trace_count(trainer)
+        if i == 0 and c.train.jit_compile and not arm.xla_compiled():
+            raise ConfigError(
+                "--jit_compile: the engine's train step is not XLA-compiled (engine/steps.py "
+                "has no jit_compile option yet); nothing was timed")
+    traces_before = {id(t): _trace_count(t) for t in trainers}
     for r in range(b.windows):
         shift = r % len(arms)
         for arm in arms[shift:] + arms[:shift]:
             arm.measure(b.window_s)
-    retraced = _trace_count(trainer) - traces_before
+        # A peak sample per round (~0.4 s): the best one is the machine's
+        # least disturbed moment, as the windows' are.
+        peaks.append(matmul_peak_flops(compute_dtype))
+    retraced = {id(t): _trace_count(t) - traces_before[id(t)] for t in trainers}
+    peak = max(peaks)
+    float32_peak = peak if compute_dtype == "float32" else matmul_peak_flops("float32")
     load_end = _loadavg()
 
     common = {
@@ -307,24 +551,37 @@ def run_benchmark(config: Config) -> List[Dict[str, object]]:
         "input_shape": [c.model.input_size, c.model.input_size, 3],
         "global_batch": c.train.batch_size,
         "precision": keras.config.dtype_policy().name,
-        "strategy": c.train.strategy,
-        "replicas": int(trainer.strategy.num_replicas_in_sync),
-        "frozen": phase == freeze.FROZEN,
-        "ema_decay": c.train.ema_decay,
         "optimizer": c.optimizer.name,
-        "jit_compile": False,
+        "compare": list(compares),
         "windows": b.windows, "window_s": b.window_s,
         "build_s": build_s,
+        "flops_count_s": flops_s,
+        "flops_method": "tf.compat.v1.profiler float_operation on one traced train step "
+                        "(forward + loss + gradients of the phase's trainable variables, "
+                        "global batch; + depthwise-conv gradients); optimizer/EMA updates "
+                        "not counted",
+        "matmul_size": MATMUL_N,
+        "matmul_peak_dtype": compute_dtype,
+        "matmul_peak_samples_flops_per_sec": peaks,
+        "matmul_peak_float32_flops_per_sec": float32_peak,
         "loadavg_1m_start": load_start, "loadavg_1m_end": load_end,
     }
     by_name = {arm.name: arm for arm in arms}
     records = []
     for arm in arms:
+        t = arm.trainer
         rates = arm.rates()
         s = _summary(rates)
         batch = c.train.batch_size
+        step_flops = flops[t.phase]
+        achieved = step_flops["step"] * s["median"]
         rec = {"arm": arm.name, "engine": "tapeworks" if arm.kind == "engine" else "keras_fit",
                **common,
+               "strategy": t.config.train.strategy,
+               "replicas": int(t.strategy.num_replicas_in_sync),
+               "frozen": t.phase == freeze.FROZEN,
+               "ema_decay": t.config.train.ema_decay,
+               "jit_compile": c.train.jit_compile,
                "steps_per_loop": arm.steps_per_loop, "input": arm.input,
                "median_steps_per_sec": s["median"], "min_steps_per_sec": s["min"],
                "max_steps_per_sec": s["max"], "spread_steps_per_sec": s["spread"],
@@ -336,23 +593,29 @@ def run_benchmark(config: Config) -> List[Dict[str, object]]:
                "steps_timed": sum(st for st, _ in arm.samples),
                "seconds_timed": sum(sec for _, sec in arm.samples),
                "window_steps_per_sec": rates,
-               "cores_busy_median": statistics.median(arm.cores_busy)}
+               "cores_busy_median": statistics.median(arm.cores_busy),
+               "flops_per_step": step_flops["step"],
+               "forward_flops_per_step": step_flops["forward"],
+               "achieved_flops_per_sec": achieved,
+               "matmul_peak_flops_per_sec": peak,
+               "fraction_of_peak": achieved / peak}
         if arm.kind == "engine":
-            rec["traces"] = _trace_count(trainer)
-            rec["retraced_during_timing"] = retraced
+            rec["traces"] = _trace_count(t)
+            rec["retraced_during_timing"] = retraced[id(t)]
         else:
             rec["steps_per_execution"] = arm.steps_per_loop
-            r = _ratios(by_name["engine/synthetic"], arm)
-            rec.update({"engine_over_fit_median": r["median"], "engine_over_fit_min": r["min"],
-                        "engine_over_fit_max": r["max"], "engine_over_fit_per_window": r["per_window"]})
-        if arm.name == "engine/real" and "engine/synthetic" in by_name:
-            # The input-bound fraction: real-input speed as a fraction of the
-            # speed with a free input (1.0 = the pipeline keeps up).
-            r = _ratios(arm, by_name["engine/synthetic"])
-            rec.update({"real_over_synthetic_median": r["median"],
-                        "real_over_synthetic_min": r["min"], "real_over_synthetic_max": r["max"],
-                        "real_over_synthetic_per_window": r["per_window"]})
         records.append(rec)
+    by_record = {rec["arm"]: rec for rec in records}
+    for carrier, prefix, label, num, den in ratios:
+        r = _ratios(by_name[num], by_name[den])
+        rec = by_record[carrier]
+        rec.update({"ratio": prefix, "ratio_label": label,
+                    f"{prefix}_median": r["median"], f"{prefix}_min": r["min"],
+                    f"{prefix}_max": r["max"], f"{prefix}_per_window": r["per_window"]})
+        target = target_for(prefix, c.model.backbone)
+        if target is not None:
+            rec[f"{prefix}_target"] = target
+            rec[f"{prefix}_meets_target"] = r["median"] >= target
 
     print(format_table(records))
     model_dir = os.path.abspath(os.path.expanduser(c.train.model_dir))
@@ -364,15 +627,43 @@ def run_benchmark(config: Config) -> List[Dict[str, object]]:
             f.write(line + "\n")
             print(line)
     print(f"appended {len(records)} records to {path}")
-    close = getattr(getattr(trainer, "log", None), "close", None)
-    if callable(close):
-        close()
+    for t in trainers:
+        close = getattr(getattr(t, "log", None), "close", None)
+        if callable(close):
+            close()
     return records
 
 
 # ----------------------------------------------------------------- text
+_KNOWN_RATIOS = (  # for records written before records named their ratio
+    ("real_over_synthetic", "real / synthetic (input-bound fraction)"),
+    ("engine_over_fit", "engine / fit"),
+)
+
+
+def record_ratio(rec) -> Optional[Tuple[str, str]]:
+    """(prefix, label) of the ratio a record carries, if any."""
+    if "ratio" in rec:
+        return rec["ratio"], rec["ratio_label"]
+    for prefix, label in _KNOWN_RATIOS:
+        if f"{prefix}_median" in rec:
+            return prefix, label
+    return None
+
+
 def _phase_text(rec) -> str:
     return "frozen" if rec["frozen"] else "unfrozen"
+
+
+def _target_text(rec, prefix) -> str:
+    if f"{prefix}_target" not in rec:
+        return ""
+    met = "met" if rec[f"{prefix}_meets_target"] else "MISSED"
+    return f"target >= {rec[f'{prefix}_target']:g}: {met}"
+
+
+def _g(value, scale=1e9, digits=2) -> str:
+    return "" if value is None else f"{value / scale:.{digits}f}"
 
 
 def format_table(records: Sequence[Dict[str, object]]) -> str:
@@ -383,75 +674,105 @@ def format_table(records: Sequence[Dict[str, object]]) -> str:
     lines = [
         f"benchmark {r0['run_id']}: {r0['backbone']} {shape}, global batch {r0['global_batch']}, "
         f"{r0['precision']}, {r0['strategy']} strategy x{r0['replicas']}, {_phase_text(r0)}, {ema}, "
-        f"{r0['optimizer']}",
+        f"{r0['optimizer']}" + (", XLA" if r0.get("jit_compile") else ""),
         f"machine: {r0['cpu_model']}, {r0['cores']} cores; TF {r0['tensorflow']}, "
         f"Keras {r0['keras']}, NumPy {r0['numpy']}; threads inter={r0['inter_op_threads']} "
         f"intra={r0['intra_op_threads']} (0 = TF default); load avg {r0['loadavg_1m_start']} -> "
         f"{r0['loadavg_1m_end']}",
         f"{r0['windows']} alternated windows of >= {r0['window_s']} s per arm; "
         f"first call (trace/compile + 1 step, or fit's first execution) not in the rates",
+    ]
+    if "matmul_peak_flops_per_sec" in r0:
+        lines.append(
+            f"matmul peak ({r0['matmul_size']}x{r0['matmul_size']} {r0['matmul_peak_dtype']}, "
+            f"best of before and after each round): {_g(r0['matmul_peak_flops_per_sec'], 1e9, 1)} "
+            f"GFLOP/s; FLOPs: TF profiler on one traced train step")
+    lines += [
         "",
         f"{'arm':<20} {'input':<9} {'K':>3} {'steps/s med':>11} {'min':>9} {'max':>9} "
-        f"{'spread':>7} {'examples/s':>11} {'1st step s':>10} {'cores busy':>10}",
+        f"{'spread':>7} {'examples/s':>11} {'GFLOP/step':>10} {'GFLOP/s':>8} {'% peak':>6} "
+        f"{'1st step s':>10} {'cores busy':>10}",
     ]
     for r in records:
         lines.append(
             f"{r['arm']:<20} {r['input']:<9} {r['steps_per_loop']:>3} "
             f"{r['median_steps_per_sec']:>11.2f} {r['min_steps_per_sec']:>9.2f} "
             f"{r['max_steps_per_sec']:>9.2f} {100 * r['spread_steps_per_sec']:>6.1f}% "
-            f"{r['median_examples_per_sec']:>11.1f} {r['time_to_first_step_s']:>10.2f} "
-            f"{r.get('cores_busy_median', float('nan')):>10.2f}")
+            f"{r['median_examples_per_sec']:>11.1f} {_g(r.get('flops_per_step'), 1e9, 3):>10} "
+            f"{_g(r.get('achieved_flops_per_sec'), 1e9, 1):>8} "
+            f"{_g(r.get('fraction_of_peak'), 0.01, 1):>6} "
+            f"{r['time_to_first_step_s']:>10.2f} {r.get('cores_busy_median', float('nan')):>10.2f}")
     ratio_lines = []
     for r in records:
-        if "engine_over_fit_median" in r:
-            ratio_lines.append(
-                f"  engine / {r['arm']:<16} {r['engine_over_fit_median']:.3f} "
-                f"[{r['engine_over_fit_min']:.3f} - {r['engine_over_fit_max']:.3f}]")
-        if "real_over_synthetic_median" in r:
-            ratio_lines.append(
-                f"  real / synthetic (input-bound fraction) {r['real_over_synthetic_median']:.3f} "
-                f"[{r['real_over_synthetic_min']:.3f} - {r['real_over_synthetic_max']:.3f}]")
+        found = record_ratio(r)
+        if found is None:
+            continue
+        prefix, label = found
+        ratio_lines.append(
+            f"  {label:<42} {r[f'{prefix}_median']:.3f} [{r[f'{prefix}_min']:.3f} - "
+            f"{r[f'{prefix}_max']:.3f}]  {_target_text(r, prefix)}".rstrip())
     if ratio_lines:
         lines += ["", "ratios per round of side-by-side windows, median [min - max]:"] + ratio_lines
-    retraced = [r.get("retraced_during_timing") for r in records if "retraced_during_timing" in r]
-    if any(retraced):
+    if any(r.get("fraction_of_peak", 0) > 1 for r in records):
+        lines.append("WARNING: achieved FLOP/s above the matmul peak: the machine was busy while "
+                     "the peak was measured; the fractions mean nothing")
+    retraced = [r.get("retraced_during_timing") for r in records if r.get("retraced_during_timing")]
+    if retraced:
         lines.append(f"WARNING: the train step was retraced {retraced[0]} time(s) while timing")
     return "\n".join(lines)
 
 
 def markdown_table(records: Sequence[Dict[str, object]]) -> str:
-    """Records of many runs (e.g. benchmarks/run_standard.py) as one markdown table."""
+    """Records of many runs (e.g. benchmarks/run_standard.py) as markdown tables."""
     if not records:
         return "_no records_\n"
     r0 = records[0]
+    peaks = [r["matmul_peak_flops_per_sec"] for r in records if "matmul_peak_flops_per_sec" in r]
     head = [
         f"Machine: {r0['cpu_model']}, {r0['cores']} cores; TensorFlow {r0['tensorflow']}, "
         f"Keras {r0['keras']}, NumPy {r0['numpy']}; threads inter={r0['inter_op_threads']} "
-        f"intra={r0['intra_op_threads']} (0 = TF default); {r0['precision']}; "
-        f"{r0['windows']} alternated windows of >= {r0['window_s']} s per arm.",
+        f"intra={r0['intra_op_threads']} (0 = TF default); "
+        f"{r0['windows']} alternated windows of >= {r0['window_s']} s per arm."
+        + (f" Matmul peak ({r0['matmul_size']}^2, per run): {_g(min(peaks), 1e9, 1)} - "
+           f"{_g(max(peaks), 1e9, 1)} GFLOP/s." if peaks else ""),
         "",
         "steps/s: median [min - max] over windows; spread = (max - min) / median; "
-        "ratio: real/synthetic (input-bound fraction) or engine/fit, median [min - max] per round; "
+        "ratio: per round of side-by-side windows, median [min - max]; "
+        "GFLOP/step: TF profiler on one traced train step (frozen: forward + head backward); "
+        "% peak: GFLOP/step x median steps/s over the run's best 2048x2048 matmul; "
         "cores busy: process CPU seconds per wall second in a window (median); "
         "load: 1-minute load average at start and end.",
         "",
-        "| backbone | input | batch | phase | EMA | K | arm | steps/s | spread | examples/s | "
-        "1st step s | ratio | cores busy | load |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| backbone | input | batch | precision | phase | EMA | strategy | K | arm | steps/s | "
+        "spread | examples/s | GFLOP/step | % peak | 1st step s | ratio | cores busy | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    rows = []
+    rows, comparisons = [], []
     for r in records:
         shape = "x".join(str(v) for v in r["input_shape"][:2])
         ratio = ""
-        for key in ("real_over_synthetic", "engine_over_fit"):
-            if f"{key}_median" in r:
-                ratio = (f"{r[f'{key}_median']:.2f} [{r[f'{key}_min']:.2f} - "
-                         f"{r[f'{key}_max']:.2f}]")
+        found = record_ratio(r)
+        if found is not None:
+            prefix, label = found
+            ratio = (f"{label}: {r[f'{prefix}_median']:.2f} [{r[f'{prefix}_min']:.2f} - "
+                     f"{r[f'{prefix}_max']:.2f}]")
+            comparisons.append(
+                f"| {r['backbone']} {shape} | {label} | {r[f'{prefix}_median']:.3f} | "
+                f"{r[f'{prefix}_min']:.3f} - {r[f'{prefix}_max']:.3f} | "
+                f"{_target_text(r, prefix) or '-'} |")
         rows.append(
-            f"| {r['backbone']} | {shape} | {r['global_batch']} | {_phase_text(r)} | "
-            f"{r['ema_decay'] or 'off'} | {r['steps_per_loop']} | {r['arm']} | "
+            f"| {r['backbone']} | {shape} | {r['global_batch']} | {r['precision']} | "
+            f"{_phase_text(r)} | {r['ema_decay'] or 'off'} | {r['strategy']} x{r['replicas']} | "
+            f"{r['steps_per_loop']} | {r['arm']} | "
             f"{r['median_steps_per_sec']:.2f} [{r['min_steps_per_sec']:.2f} - "
             f"{r['max_steps_per_sec']:.2f}] | {100 * r['spread_steps_per_sec']:.1f}% | "
-            f"{r['median_examples_per_sec']:.1f} | {r['time_to_first_step_s']:.2f} | {ratio} | "
-            f"{r.get('cores_busy_median', float('nan')):.2f} | {r['loadavg_1m_start']} - {r['loadavg_1m_end']} |")
-    return "\n".join(head + rows) + "\n"
+            f"{r['median_examples_per_sec']:.1f} | {_g(r.get('flops_per_step'), 1e9, 3)} | "
+            f"{_g(r.get('fraction_of_peak'), 0.01, 1)} | {r['time_to_first_step_s']:.2f} | "
+            f"{ratio} | {r.get('cores_busy_median', float('nan')):.2f} | "
+            f"{r['loadavg_1m_start']} - {r['loadavg_1m_end']} |")
+    text = head + rows
+    if comparisons:
+        text += ["", "Comparisons (each arm against the run's engine/synthetic arm, per round):", "",
+                 "| run | comparison | median | min - max | target |", "|---|---|---|---|---|"]
+        text += comparisons
+    return "\n".join(text) + "\n"
