@@ -15,9 +15,13 @@ OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop")
 SCHEDULES = ("constant", "cosine", "step")
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker")
 MODES = ("train", "eval", "benchmark", "export")
-TASKS = ("multilabel", "multiclass")
+TASKS = ("multilabel", "multiclass", "segmentation")
+SEG_MODELS = ("unet", "deeplabv3plus")  # --task=segmentation (models/segmentation.py)
 BENCHMARK_INPUTS = ("synthetic", "real", "both")
-BENCHMARK_COMPARES = ("none", "keras_fit")
+# --benchmark_compare: a comma list of these (engine/benchmark.py runs them side by side).
+BENCHMARK_COMPARES = ("none", "keras_fit", "ema", "frozen", "mirrored1", "k1")
+# --mixed_precision: float16 needs loss scaling in the train step, which it does not have yet.
+MIXED_PRECISIONS = ("float32", "bfloat16", "float16")
 # The embedded images are 64x64, so larger inputs only cost time; InceptionV3
 # cannot go below 75.
 DEFAULT_INPUT_SIZE = {"inceptionv3": 75, "resnet50": 64, "mobilenetv2": 64,
@@ -43,6 +47,11 @@ class ModelConfig:
     # Momentum of every BatchNorm's moving statistics; None keeps the
     # architecture's own (0.99 for keras.applications).
     bn_momentum: Optional[float] = 0.9
+    # --task=segmentation only: the model (it brings its own encoder; --backbone
+    # is not used) and the U-Net's size.
+    seg_model: str = "unet"
+    unet_depth: int = 4  # poolings; --input_size must be a multiple of 2^depth
+    unet_filters: int = 16  # channels of the first level, doubled at each
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +59,10 @@ class DataConfig:
     data_dir: Optional[str] = None  # None: the embedded dataset
     cache_dir: str = "~/.cache/tapeworks"
     augment: bool = True
+    # Find undecodable images, bad label vectors, wrong-size images, corrupt
+    # TFRecord records and CSV rows naming no file when the data is opened,
+    # and train without them (counted in the epoch report) instead of failing.
+    skip_bad_records: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +77,10 @@ class OptimizerConfig:
     lr_step_factor: float = 0.1
     backbone_lr_multiplier: float = 1.0
     global_clipnorm: float = 0.0  # 0: off
+    # Also applied to the replica-summed gradients, in the order
+    # clipvalue -> clipnorm (per variable) -> global_clipnorm; 0: off.
+    clipnorm: float = 0.0
+    clipvalue: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +125,26 @@ class TrainConfig:
     ema_warmup: bool = True
     eval_with_ema: bool = True
     export_raw: bool = False  # --mode=export: the raw weights even when EMA is on
+    # Non-finite guard (engine/health.py): a step whose loss or gradients are
+    # not finite changes nothing and is counted; after max_bad_steps in a row
+    # (0: never) the last good checkpoint is restored and the learning rate
+    # multiplied by bad_step_lr_factor; after max_rollbacks the run stops.
+    max_bad_steps: int = 5
+    max_rollbacks: int = 3
+    bad_step_lr_factor: float = 0.5
+    # In-graph TensorBoard summaries (0: off): scalars (lr, gradient norms,
+    # loss), weight/gradient histograms, input images with predictions.
+    summary_every: int = 10
+    histogram_every: int = 0
+    image_every: int = 0
+    # Epoch callbacks on --best_metric/--best_mode (0: off).
+    early_stop_patience: int = 0
+    plateau_patience: int = 0
+    plateau_factor: float = 0.1
+    # Only --mode=benchmark honours these two so far (engine/benchmark.py sets
+    # the Keras policy; XLA needs a hook in engine/steps.py, see there).
+    mixed_precision: str = "float32"  # float32 | bfloat16 (Keras "mixed_bfloat16")
+    jit_compile: bool = False  # XLA for the train step; slower on CPU (DESIGN.md)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +153,12 @@ class BenchmarkConfig:
     window_s: float = 2.0  # each timed window lasts at least this long
     windows: int = 5
     input: str = "synthetic"  # synthetic | real | both
-    compare: str = "none"  # none | keras_fit
+    compare: str = "none"  # none, or a comma list of keras_fit, ema, frozen, mirrored1, k1
+
+    def compares(self) -> Tuple[str, ...]:
+        """--benchmark_compare as a tuple of names (empty for none)."""
+        names = tuple(n.strip() for n in self.compare.split(",") if n.strip())
+        return () if names == ("none",) else names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +190,17 @@ class Config:
         _one_of("strategy", t.strategy, STRATEGIES)
         _one_of("best_mode", t.best_mode, ("min", "max"))
         _at_least("input_size", m.input_size, 1)
+        _one_of("seg_model", m.seg_model, SEG_MODELS)
+        _at_least("unet_depth", m.unet_depth, 1)
+        _at_least("unet_filters", m.unet_filters, 1)
+        if m.task == "segmentation":
+            stride = 2 ** m.unet_depth if m.seg_model == "unet" else 16
+            if m.input_size % stride or (m.seg_model == "deeplabv3plus" and m.input_size < 32):
+                raise ConfigError(
+                    f"--input_size={m.input_size} must be a multiple of {stride} for "
+                    f"--seg_model={m.seg_model}"
+                    + (f" (--unet_depth={m.unet_depth})" if m.seg_model == "unet" else
+                       " and at least 32"))
         _at_least("epochs", t.epochs, 1)
         _at_least("batch_size", t.batch_size, 1)
         _at_least("steps_per_epoch", t.steps_per_epoch, 0)
@@ -156,6 +209,13 @@ class Config:
         _at_least("keep_checkpoints", t.keep_checkpoints, 1)
         _at_least("checkpoint_every_steps", t.checkpoint_every_steps, 0)
         _at_least("num_virtual_cpus", t.num_virtual_cpus, 0)
+        for flag in ("max_bad_steps", "max_rollbacks", "summary_every", "histogram_every",
+                     "image_every", "early_stop_patience", "plateau_patience"):
+            _at_least(flag, getattr(t, flag), 0)
+        if not 0.0 < t.bad_step_lr_factor <= 1.0:
+            raise ConfigError(f"--bad_step_lr_factor={t.bad_step_lr_factor} must be in (0, 1]")
+        if not 0.0 < t.plateau_factor < 1.0:
+            raise ConfigError(f"--plateau_factor={t.plateau_factor} must be in (0, 1)")
         if not 0.0 <= t.ema_decay < 1.0:
             raise ConfigError(f"--ema_decay={t.ema_decay} must be in [0, 1)")
         if not 0.0 <= m.dropout < 1.0:
@@ -173,6 +233,10 @@ class Config:
                 f"--backbone_lr_multiplier={o.backbone_lr_multiplier} must be >= 0")
         if o.global_clipnorm < 0:
             raise ConfigError(f"--global_clipnorm={o.global_clipnorm} must be >= 0")
+        if o.clipnorm < 0:
+            raise ConfigError(f"--clipnorm={o.clipnorm} must be >= 0")
+        if o.clipvalue < 0:
+            raise ConfigError(f"--clipvalue={o.clipvalue} must be >= 0")
         if o.schedule == "step" and not o.lr_step_epochs:
             raise ConfigError("--lr_schedule=step needs --lr_step_epochs, e.g. 30,60")
         if list(o.lr_step_epochs) != sorted(set(o.lr_step_epochs)):
@@ -188,7 +252,23 @@ class Config:
                 raise ConfigError(f"--unfreeze_layers: bad pattern ({e})") from None
         b = self.benchmark
         _one_of("benchmark_input", b.input, BENCHMARK_INPUTS)
-        _one_of("benchmark_compare", b.compare, BENCHMARK_COMPARES)
+        compares = b.compares()
+        for name in compares:
+            if name not in BENCHMARK_COMPARES or name == "none":  # "none" alone gives ()
+                raise ConfigError(f"--benchmark_compare={b.compare} is not one of "
+                                  f"{', '.join(BENCHMARK_COMPARES)} (or a comma list of them)")
+        if len(set(compares)) != len(compares):
+            raise ConfigError(f"--benchmark_compare={b.compare} names a comparison twice")
+        if "k1" in compares and t.steps_per_loop == 1:
+            raise ConfigError("--benchmark_compare=k1 compares K=1 with --steps_per_loop, "
+                              "which is 1: set --steps_per_loop > 1")
+        if "mirrored1" in compares and t.strategy != "default":
+            raise ConfigError(f"--benchmark_compare=mirrored1 compares a one-replica "
+                              f"MirroredStrategy with --strategy=default, not {t.strategy}")
+        _one_of("mixed_precision", t.mixed_precision, MIXED_PRECISIONS)
+        if t.mixed_precision == "float16":
+            raise ConfigError("--mixed_precision=float16 is not supported yet (it needs loss "
+                              "scaling in the train step); use bfloat16 or float32")
         _at_least("benchmark_windows", b.windows, 1)
         if not b.window_s > 0:
             raise ConfigError(f"--benchmark_window_s={b.window_s} must be > 0")

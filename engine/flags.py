@@ -16,16 +16,20 @@ _d = Config()  # defaults live in one place: the dataclasses
 
 # Model
 flags.DEFINE_string("backbone", "tiny_cnn", "inceptionv3, resnet50, mobilenetv2, efficientnetb0 or tiny_cnn")
-flags.DEFINE_integer("input_size", 0, "Square input size in pixels (0: the backbone's default, e.g. 75 for inceptionv3).")
+flags.DEFINE_integer("input_size", 0, "Square input size in pixels (0: the backbone's default, e.g. 75 for inceptionv3; 64 for --task=segmentation).")
 flags.DEFINE_string("weights", "", "Backbone weights: empty (random), 'imagenet' (needs network) or a local .h5/.weights.h5 file.")
 flags.DEFINE_float("dropout", _d.model.dropout, "Dropout before the head's logits.")
-flags.DEFINE_string("task", _d.model.task, "multilabel (sigmoid logits) or multiclass (softmax logits).")
+flags.DEFINE_string("task", _d.model.task, "multilabel (sigmoid logits), multiclass (softmax logits) or segmentation (per-pixel softmax logits).")
 flags.DEFINE_boolean("sync_bn", _d.model.sync_bn, "Synchronize BatchNorm statistics across replicas (only matters with several; --nosync_bn lets them drift apart).")
+flags.DEFINE_string("seg_model", _d.model.seg_model, "--task=segmentation: unet or deeplabv3plus (MobileNetV2 encoder); --backbone is not used.")
+flags.DEFINE_integer("unet_depth", _d.model.unet_depth, "U-Net poolings (--input_size must be a multiple of 2^depth).")
+flags.DEFINE_integer("unet_filters", _d.model.unet_filters, "U-Net channels at the first level, doubled at each deeper one.")
 flags.DEFINE_string("bn_momentum", str(_d.model.bn_momentum), "BatchNorm moving-statistics momentum; empty keeps the architecture's own (0.99).")
 # Data
 flags.DEFINE_string("data_dir", "", "User data (TFRecords or images + labels.csv); empty: the embedded dataset.")
 flags.DEFINE_string("cache_dir", _d.data.cache_dir, "Where the embedded dataset is made on first use.")
 flags.DEFINE_boolean("augment", _d.data.augment, "Random flips while training.")
+flags.DEFINE_boolean("skip_bad_records", _d.data.skip_bad_records, "Check every record when the data is opened and train without the bad ones (undecodable image, wrong-size image, wrong label width, corrupt TFRecord record, CSV row naming no file), counting them in the epoch report; without it a bad record stops the run naming file and record.")
 # Optimizer
 flags.DEFINE_string("optimizer", _d.optimizer.name, "sgd, momentum, adam, adamw or rmsprop.")
 flags.DEFINE_float("learning_rate", _d.optimizer.learning_rate, "Peak learning rate.")
@@ -37,12 +41,14 @@ flags.DEFINE_list("lr_step_epochs", [], "Epochs at which --lr_schedule=step mult
 flags.DEFINE_float("lr_step_factor", _d.optimizer.lr_step_factor, "Factor of each step of the step schedule.")
 flags.DEFINE_float("backbone_lr_multiplier", _d.optimizer.backbone_lr_multiplier, "Backbone LR = LR x this, after unfreezing.")
 flags.DEFINE_float("global_clipnorm", _d.optimizer.global_clipnorm, "Clip the replica-summed gradient to this global norm (0: off).")
+flags.DEFINE_float("clipnorm", _d.optimizer.clipnorm, "Clip each variable's replica-summed gradient to this norm (0: off).")
+flags.DEFINE_float("clipvalue", _d.optimizer.clipvalue, "Clip each replica-summed gradient element to [-v, v] (0: off). Order: clipvalue, clipnorm, global_clipnorm.")
 # Freeze
 flags.DEFINE_integer("unfreeze_at", _d.freeze.unfreeze_at, "Backbone frozen for the first N epochs, trained from epoch N+1 (0: from the start).")
 flags.DEFINE_string("unfreeze_layers", _d.freeze.unfreeze_layers, "What thaws: all, blocks:K (last K blocks) or regex:PATTERN.")
 flags.DEFINE_boolean("freeze_bn", _d.freeze.freeze_bn, "Keep backbone BatchNorm frozen after unfreezing.")
 # Loss
-flags.DEFINE_string("loss", _d.loss.loss, "bce, weighted_bce, focal, fbeta, bce+fbeta, cce, sparse_cce, ...")
+flags.DEFINE_string("loss", _d.loss.loss, "bce, weighted_bce, focal, fbeta, bce+fbeta, cce, sparse_cce; segmentation: ce (its default), dice, lovasz, ce+lovasz, ...")
 flags.DEFINE_string("pos_weight", "", "weighted_bce: 'auto' (from label density), 'w1,w2,...' or empty.")
 flags.DEFINE_float("focal_gamma", _d.loss.focal_gamma, "Focal loss gamma.")
 flags.DEFINE_float("focal_alpha", _d.loss.focal_alpha, "Focal loss alpha.")
@@ -73,11 +79,23 @@ flags.DEFINE_float("ema_decay", _d.train.ema_decay, "EMA decay of the weights (0
 flags.DEFINE_boolean("ema_warmup", _d.train.ema_warmup, "Decay grows as min(decay, (1+n)/(10+n)).")
 flags.DEFINE_boolean("eval_with_ema", _d.train.eval_with_ema, "Also evaluate the EMA weights.")
 flags.DEFINE_boolean("export_raw", _d.train.export_raw, "--mode=export writes the raw weights, not the EMA ones.")
+# Training health
+flags.DEFINE_integer("max_bad_steps", _d.train.max_bad_steps, "Steps whose loss or gradients are not finite are skipped (nothing changes); after this many in a row, roll back to the last good checkpoint (0: never roll back).")
+flags.DEFINE_integer("max_rollbacks", _d.train.max_rollbacks, "Rollbacks allowed before the run stops with a diagnosis naming the first non-finite layer.")
+flags.DEFINE_float("bad_step_lr_factor", _d.train.bad_step_lr_factor, "Learning rate multiplier applied at each rollback.")
+flags.DEFINE_integer("summary_every", _d.train.summary_every, "TensorBoard scalars from inside the step (lr, global and per-layer gradient norms, loss) every N steps (0: off).")
+flags.DEFINE_integer("histogram_every", _d.train.histogram_every, "Weight and gradient histograms every N steps (0: off).")
+flags.DEFINE_integer("image_every", _d.train.image_every, "A few input images with their predictions every N steps (0: off).")
+flags.DEFINE_integer("early_stop_patience", _d.train.early_stop_patience, "Stop after N epochs without improvement of --best_metric (0: off).")
+flags.DEFINE_integer("plateau_patience", _d.train.plateau_patience, "Multiply the learning rate by --plateau_factor after N epochs without improvement of --best_metric (0: off).")
+flags.DEFINE_float("plateau_factor", _d.train.plateau_factor, "Learning rate factor of --plateau_patience.")
+flags.DEFINE_string("mixed_precision", _d.train.mixed_precision, "float32, or bfloat16 (Keras mixed_bfloat16 policy; float32 logits and weights). --mode=benchmark only so far; float16 is not supported yet.")
+flags.DEFINE_boolean("jit_compile", _d.train.jit_compile, "XLA-compile the train step (--mode=benchmark only; slower on CPU).")
 # Benchmark (--mode=benchmark)
 flags.DEFINE_float("benchmark_window_s", _d.benchmark.window_s, "Minimum length of each timed window, seconds.")
 flags.DEFINE_integer("benchmark_windows", _d.benchmark.windows, "Timed windows per arm.")
 flags.DEFINE_string("benchmark_input", _d.benchmark.input, "synthetic (one in-memory batch), real (the training pipeline) or both (alternated).")
-flags.DEFINE_string("benchmark_compare", _d.benchmark.compare, "none, or keras_fit: also time Keras model.fit on the same model and data, alternated.")
+flags.DEFINE_string("benchmark_compare", _d.benchmark.compare, "none, or a comma list of: keras_fit (Keras model.fit, same model and data), ema (EMA on vs off), frozen (frozen vs unfrozen phase), mirrored1 (one-replica MirroredStrategy vs default), k1 (1 step per call vs --steps_per_loop); all timed side by side, alternated.")
 
 
 def _int_list(flag: str, values) -> tuple:
@@ -96,23 +114,39 @@ def _optional_float(flag: str, text: str):
         raise ConfigError(f"--{flag}={text} must be a number or empty") from None
 
 
+def _loss_name(f) -> str:
+    """--loss, or for --task=segmentation without --loss its own default, ce."""
+    if f.task == "segmentation" and not f["loss"].present:
+        return "ce"
+    return f.loss
+
+
 def config_from_flags(f=flags.FLAGS) -> Config:
     """The one place flags become settings."""
+    # Until the trainer honours them, a train/eval/export run would silently ignore these.
+    if f.mode != "benchmark" and f.mixed_precision == "bfloat16":
+        raise ConfigError(f"--mixed_precision={f.mixed_precision} is only supported with "
+                          f"--mode=benchmark so far")
+    if f.mode != "benchmark" and f.jit_compile:
+        raise ConfigError("--jit_compile is only supported with --mode=benchmark so far")
     return Config(
         model=ModelConfig(backbone=f.backbone,
-                          input_size=f.input_size or DEFAULT_INPUT_SIZE.get(f.backbone, 1), weights=f.weights or None,
+                          input_size=f.input_size or (64 if f.task == "segmentation" else DEFAULT_INPUT_SIZE.get(f.backbone, 1)), weights=f.weights or None,
                           dropout=f.dropout, task=f.task, sync_bn=f.sync_bn,
-                          bn_momentum=_optional_float("bn_momentum", f.bn_momentum)),
-        data=DataConfig(data_dir=f.data_dir or None, cache_dir=f.cache_dir, augment=f.augment),
+                          bn_momentum=_optional_float("bn_momentum", f.bn_momentum),
+                          seg_model=f.seg_model, unet_depth=f.unet_depth,
+                          unet_filters=f.unet_filters),
+        data=DataConfig(data_dir=f.data_dir or None, cache_dir=f.cache_dir, augment=f.augment,
+                        skip_bad_records=f.skip_bad_records),
         optimizer=OptimizerConfig(
             name=f.optimizer, learning_rate=f.learning_rate, momentum=f.momentum,
             weight_decay=f.weight_decay, schedule=f.lr_schedule, warmup_epochs=f.warmup_epochs,
             lr_step_epochs=_int_list("lr_step_epochs", f.lr_step_epochs),
             lr_step_factor=f.lr_step_factor, backbone_lr_multiplier=f.backbone_lr_multiplier,
-            global_clipnorm=f.global_clipnorm),
+            global_clipnorm=f.global_clipnorm, clipnorm=f.clipnorm, clipvalue=f.clipvalue),
         freeze=FreezeConfig(unfreeze_at=f.unfreeze_at, unfreeze_layers=f.unfreeze_layers,
                             freeze_bn=f.freeze_bn),
-        loss=LossConfig(loss=f.loss, pos_weight=f.pos_weight or None, focal_gamma=f.focal_gamma,
+        loss=LossConfig(loss=_loss_name(f), pos_weight=f.pos_weight or None, focal_gamma=f.focal_gamma,
                         focal_alpha=f.focal_alpha, fbeta=f.fbeta, fbeta_weight=f.fbeta_weight,
                         label_smoothing=f.label_smoothing),
         train=TrainConfig(
@@ -124,7 +158,13 @@ def config_from_flags(f=flags.FLAGS) -> Config:
             progress=f.progress, init_checkpoint=f.init_checkpoint or None,
             init_include=tuple(f.init_include), init_exclude=tuple(f.init_exclude),
             allow_partial_restore=f.allow_partial_restore, ema_decay=f.ema_decay,
-            ema_warmup=f.ema_warmup, eval_with_ema=f.eval_with_ema, export_raw=f.export_raw),
+            ema_warmup=f.ema_warmup, eval_with_ema=f.eval_with_ema, export_raw=f.export_raw,
+            mixed_precision=f.mixed_precision, jit_compile=f.jit_compile,
+            max_bad_steps=f.max_bad_steps, max_rollbacks=f.max_rollbacks,
+            bad_step_lr_factor=f.bad_step_lr_factor, summary_every=f.summary_every,
+            histogram_every=f.histogram_every, image_every=f.image_every,
+            early_stop_patience=f.early_stop_patience, plateau_patience=f.plateau_patience,
+            plateau_factor=f.plateau_factor),
         benchmark=BenchmarkConfig(window_s=f.benchmark_window_s, windows=f.benchmark_windows,
                                   input=f.benchmark_input, compare=f.benchmark_compare or "none"),
     ).validated()

@@ -7,12 +7,24 @@
                       run the epoch K steps per call, evaluate, checkpoint
 
 The traced steps live in steps.py, the named state in state.py.
+
+Training health (engine/health.py): a step whose loss or gradients are not
+finite changes nothing inside the traced step and is counted; between calls
+the trainer checks the count of bad steps in a row. At --max_bad_steps it
+rolls back to the newest readable checkpoint (or, before the first one, to
+the state this run started from), multiplies `lr_scale` by
+--bad_step_lr_factor and goes on; once --max_rollbacks are used up it replays
+the last bad batch eagerly and stops with TrainingDiverged naming the first
+non-finite layer. Every save first checks that all state is finite, so no
+checkpoint holds a non-finite weight.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import time
 from typing import Dict, Optional
 
@@ -21,6 +33,9 @@ import numpy as np
 import tensorflow as tf
 
 from engine import distribute, freeze
+from engine.callbacks import EpochCallbacks
+from engine.health import StepGuard, StepSummaries, TrainingDiverged, diagnose, first_non_finite, \
+    make_state_check
 from engine.config import Config
 from engine.data import open_data
 from engine.ema import EMA
@@ -44,7 +59,8 @@ class Trainer:
         self.strategy = distribute.make_strategy(c.train.strategy, c.train.num_virtual_cpus)
         self.num_workers, self.worker_index, self.is_chief = distribute.worker_info(self.strategy)
         self.local_replicas = distribute.local_replica_count(self.strategy)
-        self.data = open_data(c.data.data_dir, os.path.expanduser(c.data.cache_dir), seed=c.train.seed)
+        self.data = open_data(c.data.data_dir, os.path.expanduser(c.data.cache_dir), seed=c.train.seed,
+                              task=c.model.task, skip_bad_records=c.data.skip_bad_records)
         self.steps_per_epoch = self.data.steps_per_epoch(c.train.batch_size)
         if c.train.steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, c.train.steps_per_epoch)
@@ -59,7 +75,9 @@ class Trainer:
                                      task=c.model.task, weights=c.model.weights,
                                      dropout=c.model.dropout, sync_bn=c.model.sync_bn
                                      and self.strategy.num_replicas_in_sync > 1,
-                                     seed=c.train.seed, bn_momentum=c.model.bn_momentum)
+                                     seed=c.train.seed, bn_momentum=c.model.bn_momentum,
+                                     seg_model=c.model.seg_model, unet_depth=c.model.unet_depth,
+                                     unet_filters=c.model.unet_filters)
             self.keys = model_variable_keys(self.model)
             counter = dict(trainable=False, dtype=tf.int64,
                            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
@@ -76,6 +94,12 @@ class Trainer:
                 self.schedule, self.global_step, self.lr_scale)
             self.ema = (EMA(self.model.weights, self.keys, c.train.ema_decay, c.train.ema_warmup,
                             self.strategy) if c.train.ema_decay else None)
+            self.guard = StepGuard()
+            self.rollbacks = tf.Variable(0, name="rollbacks", **counter)
+            self.callbacks = EpochCallbacks(
+                metric=c.train.best_metric, mode=c.train.best_mode, lr_scale=self.lr_scale,
+                early_stop_patience=c.train.early_stop_patience,
+                plateau_patience=c.train.plateau_patience, plateau_factor=c.train.plateau_factor)
         self.state = TrainingState()
         self.state.add_all("model", {self.keys[id(v)]: v for v in self.model.variables})
         for name, group in self.groups.items():
@@ -85,8 +109,15 @@ class Trainer:
         self.state.add_all("train", {"global_step": self.global_step, "epoch": self.epoch,
                                      "step_in_epoch": self.step_in_epoch,
                                      "unfrozen": self.unfrozen, "lr_scale": self.lr_scale,
-                                     "best_metric": self.best})
+                                     "best_metric": self.best, "rollbacks": self.rollbacks,
+                                     **self.guard.state(), **self.callbacks.state()})
         self.checkpoint = self.state.checkpoint()
+        # train/*_best start as NaN ("none yet"): only weights, slots and shadows are checked.
+        self._checked_keys = [k for k in self.state.keys
+                              if k.startswith(("model/", "optimizer/", "ema/"))]
+        self._state_is_finite = make_state_check([self.state[k] for k in self._checked_keys])
+        self._initial_state: Optional[str] = None  # rollback target before the first checkpoint
+        self._rollbacks_since_save = 0  # each one without a new checkpoint goes one further back
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, os.path.join(self._write_dir(), "checkpoints"),
             max_to_keep=c.train.keep_checkpoints)
@@ -99,17 +130,23 @@ class Trainer:
             focal_gamma=c.loss.focal_gamma, focal_alpha=c.loss.focal_alpha, fbeta=c.loss.fbeta,
             fbeta_weight=c.loss.fbeta_weight, label_smoothing=c.loss.label_smoothing,
             task=c.model.task)
-        blocks = backbone_blocks(self.model.get_layer("backbone"), c.model.backbone)
+        blocks = backbone_blocks(self.model.get_layer("backbone"), c.model.seg_model
+                                 if c.model.task == "segmentation" else c.model.backbone)
         self.thawed = freeze.thawed_layer_names(blocks, c.freeze.unfreeze_layers)
         self.phase: Optional[str] = None
         self.train_loop = None
         self.phase_traces: Dict[str, dict] = {}  # phase -> {"count": traces}
+        self.summaries = StepSummaries(
+            keys=self.keys, every=c.train.summary_every, histogram_every=c.train.histogram_every,
+            image_every=c.train.image_every, label_names=getattr(self.data, "label_names", ()),
+            multiclass=c.model.task == "multiclass")
         self.stop_signals = StopSignals()
+        self._stop_vote = None  # several workers: the traced all-reduce that makes them agree
         self.evaluation = Evaluation(
             model=self.model, loss_fn=self.loss_fn, strategy=self.strategy,
             local_replicas=self.local_replicas, data=self.data, input_size=c.model.input_size,
             batch_size=c.train.batch_size, fbeta=c.loss.fbeta,
-            multiclass=c.model.task == "multiclass",
+            multiclass=c.model.task == "multiclass", task=c.model.task, report=self.log.line,
             thresholds_path=os.path.join(self.model_dir, "thresholds.json"))
 
     def _write_dir(self) -> str:
@@ -194,25 +231,48 @@ class Trainer:
     def train(self) -> Dict[str, float]:
         c = self.config
         os.makedirs(self.model_dir, exist_ok=True)
+        self._remove_partial_saves()
         self.log.line(self.restore())
+        self.evaluation.check_model()  # warnings go to the log through its report callback
         self.log.line(f"data: {self.data.description}; {self.steps_per_epoch} steps/epoch "
                       f"of {c.train.batch_size}; replicas: {self.strategy.num_replicas_in_sync}")
+        if getattr(self.data, "bad_records", None):
+            self.log.line(f"WARNING: --skip_bad_records left out {self.data.skipped_records} "
+                          f"records: " + "; ".join(self.data.bad_records))
+        with self._naming_bad_records("val"):
+            baseline = self.evaluation.baseline()
         self.log.line("baseline (predict each label's train prevalence): " + "  ".join(
-            f"{k}={v:.4f}" for k, v in self.evaluation.baseline().items()))
+            f"{k}={v:.4f}" for k, v in baseline.items()))
         result: Dict[str, float] = {}
+        stopped = self.callbacks.should_stop_now()
+        if stopped:
+            self.log.line(stopped + "; nothing left to train")
+            self.log.close()
+            return result
+        self._keep_initial_state()
         with self.stop_signals:
             while int(self.epoch.numpy()) < c.train.epochs:
                 epoch = int(self.epoch.numpy())
                 self._enter_phase(freeze.phase_for_epoch(epoch, c.freeze.unfreeze_at))
-                train_stats = self._run_epoch()
-                result = {**train_stats, **self.evaluate()}
-                self._save(result)
+                try:
+                    train_stats = self._run_epoch()
+                    result = {**train_stats, **self.evaluate()}
+                    stop, lines = self.callbacks.on_epoch_end(result)
+                    self._save(result)
+                except _BadSteps as bad:
+                    self._roll_back(str(bad))
+                    continue
                 self.log.end_epoch(epoch, result)
+                for line in lines:
+                    self.log.line(line)
                 step = int(self.global_step.numpy())
                 self.log.scalars("train", {k: v for k, v in result.items()
                                            if not k.startswith("val")}, step)
-                self.log.scalars("eval", {k: v for k, v in result.items() if k.startswith("val")},
-                                 step)
+                self.log.scalars("eval", {**{k: v for k, v in result.items() if k.startswith("val")},
+                                          **self.evaluation.label_scalars()}, step)
+                if stop:
+                    break
+        self._drop_initial_state()
         self.log.close()
         return result
 
@@ -235,7 +295,8 @@ class Trainer:
             phase_variables=phase_variables, strategy=self.strategy,
             global_batch=c.train.batch_size, local_replicas=self.local_replicas,
             global_step=self.global_step, global_clipnorm=c.optimizer.global_clipnorm,
-            after_step=after_step)
+            after_step=after_step, clipnorm=c.optimizer.clipnorm,
+            clipvalue=c.optimizer.clipvalue, guard=self.guard, summaries=self.summaries)
         self.phase = phase
         self.unfrozen.assign(int(phase == freeze.UNFROZEN))
         if switching or phase == freeze.FROZEN:
@@ -252,8 +313,11 @@ class Trainer:
             input_size=c.model.input_size, seed=c.train.seed, skip_batches=start,
             augment=c.data.augment, num_shards=self.num_workers, shard_index=self.worker_index)
         iterator = iter(dataset)
+        with self.strategy.scope():
+            self.guard.keep_batches(dataset.element_spec)  # before the step is traced
         self.log.start_epoch(epoch, c.train.epochs, self.steps_per_epoch, start, self.phase)
         losses, t0, done = [], time.perf_counter(), 0
+        bad_at_start = int(self.guard.bad_steps.numpy())
         every = c.train.checkpoint_every_steps
         step = start
         while step < self.steps_per_epoch:
@@ -261,17 +325,30 @@ class Trainer:
             if every:
                 k = min(k, every - int(self.global_step.numpy()) % every)
             tic = time.perf_counter()
-            loss, _ = self.train_loop(iterator, tf.constant(k, tf.int32))
-            loss = float(loss)  # one host sync per call
+            bad_before = int(self.guard.bad_steps.numpy())
+            with self._summary_writer(), self._naming_bad_records("train"):
+                loss, norm = self.train_loop(iterator, tf.constant(k, tf.int32))
+                loss = float(loss)  # one host sync per call
+            bad = int(self.guard.bad_steps.numpy()) - bad_before
+            in_a_row = int(self.guard.consecutive.numpy())
+            self.evaluation.observe_grad_norm(float(norm), steps=k,
+                                              step=int(self.global_step.numpy()))
             step += k
             done += k
             self.step_in_epoch.assign(step)
-            losses.append((loss, k))
-            self.log.advance(k, loss, k / max(time.perf_counter() - tic, 1e-9))
-            if self.stop_signals.requested and step < self.steps_per_epoch:
+            if k > bad:
+                losses.append((loss, k - bad))  # the mean over the call's good steps
+            rate = k / max(time.perf_counter() - tic, 1e-9)
+            self.log.advance(k, loss, rate)
+            self._host_summaries(k, rate)
+            if c.train.max_bad_steps and in_a_row >= c.train.max_bad_steps:
+                raise _BadSteps(f"{in_a_row} steps in a row with a non-finite loss, gradient or "
+                                f"BN statistic up to step {int(self.global_step.numpy())}")
+            requested = self._stop_requested()
+            if requested and step < self.steps_per_epoch:
                 self._checkpoint(self.manager)
                 self.log.end_epoch(epoch, {}, summary=False)
-                raise Preempted(f"stopped by {self.stop_signals.requested} at step "
+                raise Preempted(f"stopped by {requested} at step "
                                 f"{int(self.global_step.numpy())} (epoch {epoch + 1}, batch {step}); "
                                 f"checkpoint saved: run the same command to resume")
             if every and int(self.global_step.numpy()) % every == 0 and step < self.steps_per_epoch:
@@ -279,18 +356,53 @@ class Trainer:
         seconds = time.perf_counter() - t0
         self.epoch.assign_add(1)
         self.step_in_epoch.assign(0)
-        mean_loss = sum(l * k for l, k in losses) / max(1, sum(k for _, k in losses))
-        return {"loss": mean_loss, "steps_per_sec": done / max(seconds, 1e-9),
-                "lr": float(self.schedule(self.global_step) * self.lr_scale)}
+        mean_loss = (sum(l * k for l, k in losses) / sum(k for _, k in losses) if losses
+                     else float("nan"))
+        out = {"loss": mean_loss, "steps_per_sec": done / max(seconds, 1e-9),
+               "lr": float(self.schedule(self.global_step) * self.lr_scale)}
+        bad_steps = int(self.guard.bad_steps.numpy()) - bad_at_start
+        if bad_steps:
+            out["bad_steps"] = bad_steps
+        skipped = getattr(self.data, "skipped_records", 0)
+        if skipped:
+            out["skipped_records"] = skipped
+        return out
+
+    def _summary_writer(self):
+        """The TensorBoard writer the traced step writes to (chief only)."""
+        if not (self.log.enabled and self.summaries.enabled):
+            return contextlib.nullcontext()
+        return self.log._writer("train").as_default()
+
+    def _host_summaries(self, k: int, steps_per_sec: float) -> None:
+        """steps/sec, measured on the host, once per --summary_every steps."""
+        every = self.config.train.summary_every
+        step = int(self.global_step.numpy())
+        if every and step // every != (step - k) // every:
+            self.log.scalars("train", {"health/steps_per_sec": steps_per_sec}, step)
 
     # ------------------------------------------------------------------ eval
     def evaluate(self) -> Dict[str, float]:
         """Validation loss and metrics (and the EMA model's, when EMA is on)."""
-        out = self.evaluation.run("val", save=self.is_chief)
-        if self.ema is not None and self.config.train.eval_with_ema:
-            with self.ema.swapped():
-                out.update(self.evaluation.run("val_ema", save=False))
+        with self._naming_bad_records("val"):
+            out = self.evaluation.run("val", save=self.is_chief)
+            if self.ema is not None and self.config.train.eval_with_ema:
+                with self.ema.swapped():
+                    out.update(self.evaluation.run("val_ema", save=False))
         return out
+
+    @contextlib.contextmanager
+    def _naming_bad_records(self, split: str):
+        """Turns a data error met inside a traced call into a DataError naming file and record."""
+        try:
+            yield
+        except (tf.errors.InvalidArgumentError, tf.errors.DataLossError,
+                tf.errors.NotFoundError) as e:
+            explain = getattr(self.data, "explain_error", None)
+            error = explain(split, e) if explain is not None else None
+            if error is None:
+                raise
+            raise error from None
 
     # ----------------------------------------------------------- checkpoints
     def _save(self, result: Dict[str, float]) -> None:
@@ -303,14 +415,133 @@ class Trainer:
                 self.best.assign(value)
                 self._checkpoint(self.best_manager)
         self._checkpoint(self.manager)
-        if self.stop_signals.requested:
-            raise Preempted(f"stopped by {self.stop_signals.requested} after epoch "
+        requested = self._stop_requested()
+        if requested:
+            raise Preempted(f"stopped by {requested} after epoch "
                             f"{int(self.epoch.numpy())}; checkpoint saved: run the same "
                             f"command to resume")
 
+    def _stop_requested(self) -> Optional[str]:
+        """This worker's stop request (SIGTERM/SIGINT) or, with several workers, any worker's.
+
+        A worker preempted alone must not leave the others waiting in the next
+        all-reduce: every worker calls this at the same points (after each
+        traced call, after each epoch's save), and one scalar all-reduce makes
+        them agree, so all save the same step and stop together.
+        """
+        mine = self.stop_signals.requested
+        if self.num_workers == 1:
+            return mine
+        if self._stop_vote is None:
+            strategy = self.strategy
+
+            @tf.function
+            def vote(flag):
+                return strategy.reduce(tf.distribute.ReduceOp.SUM,
+                                       strategy.run(lambda: tf.identity(flag)), axis=None)
+
+            self._stop_vote = vote
+        anyone = float(self._stop_vote(tf.constant(1.0 if mine else 0.0))) > 0
+        return mine or ("a stop request on another worker" if anyone else None)
+
     def _checkpoint(self, manager) -> None:
+        if not self._state_is_finite():
+            # The guard keeps non-finite gradients out, but a finite update
+            # can still overflow a weight; such a state is never saved.
+            key = first_non_finite({k: self.state[k].numpy() for k in self._checked_keys})
+            raise _BadSteps(f"{key} is not finite at step {int(self.global_step.numpy())} "
+                            f"(an update overflowed)")
         manager.save(checkpoint_number=int(self.global_step.numpy()))
         self._drop_worker_copy()
+        if manager is self.manager:
+            self._rollbacks_since_save = 0
+
+    def _remove_partial_saves(self) -> None:
+        """Deletes what a save cut short by kill -9 left: ckpt-N_temp/ (never listed, never read)."""
+        if not self.is_chief:
+            return
+        for sub in ("checkpoints", "best"):
+            for path in tf.io.gfile.glob(os.path.join(self.model_dir, sub, "*_temp")):
+                tf.io.gfile.rmtree(path)
+
+    # ------------------------------------------------------------- rollback
+    def _keep_initial_state(self) -> None:
+        """A run that starts without a checkpoint keeps its starting state as the oldest
+        rollback target (model_dir/rollback/, deleted when the run ends).
+
+        The first checkpoints of a run with far too high a learning rate can
+        already hold finite but useless weights; this is the state known good.
+        """
+        c = self.config.train
+        self._drop_initial_state()  # a killed run's leftover
+        if not (c.max_bad_steps and c.max_rollbacks) or existing_checkpoints(
+                os.path.join(self.model_dir, "checkpoints")):
+            return
+        self._initial_state = self.checkpoint.write(
+            os.path.join(self._initial_state_dir(), "initial"))
+
+    def _initial_state_dir(self) -> str:
+        # Not under a worker's scratch dir, which goes at every save: every
+        # worker keeps its copy all run long, so all roll back alike.
+        return os.path.join(self.model_dir, "rollback" if self.is_chief
+                            else f".rollback_worker_{self.worker_index}")
+
+    def _drop_initial_state(self) -> None:
+        shutil.rmtree(self._initial_state_dir(), ignore_errors=True)
+        self._initial_state = None
+
+    def _last_good_state(self) -> Optional[str]:
+        """The newest readable checkpoint; one older for each rollback since the last save.
+
+        A checkpoint that was rolled back to and failed again before a newer
+        one could be written may hold weights already on their way out (finite
+        but huge), so the next rollback goes further back.
+        """
+        paths = [p for p in existing_checkpoints(os.path.join(self.model_dir, "checkpoints"))
+                 if checkpoint_is_readable(p)]
+        if self._initial_state is not None:
+            paths.append(self._initial_state)
+        return paths[min(self._rollbacks_since_save, len(paths) - 1)] if paths else None
+
+    def _roll_back(self, why: str) -> None:
+        """Restores the last good state with a lower learning rate, or gives up."""
+        c = self.config.train
+        done = int(self.rollbacks.numpy())
+        path = self._last_good_state() if done < c.max_rollbacks else None
+        if path is None:
+            where = self._diagnose()
+            raise TrainingDiverged(
+                f"training diverged: {why}, after {done} rollback(s) (--max_rollbacks="
+                f"{c.max_rollbacks}); {where}; try a lower --learning_rate, --global_clipnorm, "
+                f"or check the input data")
+        lr_scale = float(self.lr_scale.numpy()) * c.bad_step_lr_factor
+        bad_steps = int(self.guard.bad_steps.numpy())
+        self.state.restore(path)
+        self._rollbacks_since_save += 1
+        self.lr_scale.assign(lr_scale)
+        self.rollbacks.assign(done + 1)
+        self.guard.bad_steps.assign(bad_steps)
+        self.guard.consecutive.assign(0)
+        self.log.end_epoch(int(self.epoch.numpy()), {}, summary=False)
+        self.log.line(f"WARNING: {why}; rolled back to {path} (step "
+                      f"{int(self.global_step.numpy())}), learning rate x{c.bad_step_lr_factor:g} "
+                      f"(now x{lr_scale:.3g} of the schedule); rollback {done + 1} of "
+                      f"{c.max_rollbacks}")
+
+    def _diagnose(self) -> str:
+        """One eager forward/backward pass on the last bad batch: where it goes non-finite."""
+        if self.guard.bad_batch is None or not int(self.guard.bad_steps.numpy()):
+            return "no bad batch was kept to replay"
+        images, labels = (v.numpy() for v in self.guard.bad_batch)
+        try:
+            return diagnose(self.model, self.loss_fn, images, labels,
+                            self.config.train.batch_size // self.num_workers, self.keys)
+        except Exception as e:  # noqa: BLE001 - the diagnosis must not hide the real stop
+            return f"the replay of the last bad batch failed ({type(e).__name__}: {e})"
+
+
+class _BadSteps(Exception):
+    """Internal: bad steps in a row reached --max_bad_steps, or the state went non-finite."""
 
 
 def _changing_weights(model):
