@@ -18,4 +18,4 @@ train: $(VENV)/.installed
 	$(PY) train_main.py --backbone=inceptionv3 --unfreeze_at=5 $(ARGS)
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --maxprocesses=4 tests

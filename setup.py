@@ -15,6 +15,6 @@ setup(
         "absl-py",
         "tqdm",
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest", "pytest-xdist"]},
     entry_points={"console_scripts": ["tapeworks=train_main:run"]},
 )

@@ -1,5 +1,6 @@
 """The trainer end to end on tiny_cnn: learning, the unfreeze switch, traces, resume, restore."""
 import os
+import shutil
 
 import keras
 import numpy as np
@@ -110,25 +111,35 @@ def _keep_only(model_dir, keep):
     tf.compat.v1.train.update_checkpoint_state(directory, keep, all_model_checkpoint_paths=[keep])
 
 
-@pytest.mark.parametrize("stop_step", [4, 12, 14], ids=["mid-epoch-1-frozen", "end-of-unfreeze-epoch", "mid-unfrozen"])
-def test_resume_is_bit_identical_under_determinism(tmp_path, embedded_cache, stop_step):
-    common = dict(epochs=3, unfreeze_at=2, checkpoint_every_steps=2, keep_checkpoints=20,
-                  deterministic=True)
-    full = Trainer(_config(tmp_path / "a", embedded_cache, **common))
-    full.train()
-    expected = full.state.values()
+_RESUME = dict(epochs=3, unfreeze_at=2, checkpoint_every_steps=2, keep_checkpoints=20,
+               deterministic=True)
 
-    stopped = Trainer(_config(tmp_path / "b", embedded_cache, **common))
-    stopped.train()
-    model_dir = stopped.model_dir
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(embedded_cache, tmp_path_factory):
+    """One deterministic run kept whole: its final state and every checkpoint it wrote."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    full = Trainer(_config(root, embedded_cache, **_RESUME))
+    full.train()
+    return full.model_dir, full.state.values()
+
+
+@pytest.mark.parametrize("stop_step", [4, 12, 14], ids=["mid-epoch-1-frozen", "end-of-unfreeze-epoch", "mid-unfrozen"])
+def test_resume_is_bit_identical_under_determinism(tmp_path, embedded_cache, uninterrupted_run,
+                                                   stop_step):
+    full_dir, expected = uninterrupted_run
+    # The same run, as if it had died right after writing ckpt-<stop_step>.
+    shutil.copytree(full_dir, tmp_path / "run")
+    model_dir = str(tmp_path / "run")
     keep = next(p for p in _checkpoints(model_dir) if p.endswith(f"ckpt-{stop_step}"))
     _keep_only(model_dir, keep)
-    resumed = Trainer(_config(tmp_path / "b", embedded_cache, **common))
+    resumed = Trainer(_config(tmp_path, embedded_cache, **_RESUME))
     line = resumed.restore()
     assert line.startswith("resumed")
     assert int(resumed.global_step.numpy()) == stop_step
     resumed.train()
     got = resumed.state.values()
+    assert set(got) == set(expected)
     for key in expected:
         if key == "train/best_metric":
             continue
