@@ -97,6 +97,11 @@ flags.DEFINE_integer("benchmark_windows", _d.benchmark.windows, "Timed windows p
 flags.DEFINE_string("benchmark_input", _d.benchmark.input, "synthetic (one in-memory batch), real (the training pipeline) or both (alternated).")
 flags.DEFINE_string("benchmark_compare", _d.benchmark.compare, "none, or a comma list of: keras_fit (Keras model.fit, same model and data), ema (EMA on vs off), frozen (frozen vs unfrozen phase), mirrored1 (one-replica MirroredStrategy vs default), k1 (1 step per call vs --steps_per_loop); all timed side by side, alternated.")
 
+# The names the benchmark issue and users type: --compare=keras_fit, --input=real.
+_ALIASES = {"compare": "benchmark_compare", "input": "benchmark_input"}
+for _alias, _name in _ALIASES.items():
+    flags.DEFINE_alias(_alias, _name)
+
 
 def _int_list(flag: str, values) -> tuple:
     try:
@@ -172,4 +177,5 @@ def config_from_flags(f=flags.FLAGS) -> Config:
 
 def effective_flags(f=flags.FLAGS) -> str:
     """This module's flags as a flagfile: `--flagfile=<it>` repeats the run."""
-    return "\n".join(flag.serialize() for flag in f.get_flags_for_module(__name__)) + "\n"
+    return "\n".join(flag.serialize() for flag in f.get_flags_for_module(__name__)
+                     if flag.name not in _ALIASES) + "\n"

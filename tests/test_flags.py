@@ -60,3 +60,11 @@ def test_effective_flags_round_trip_through_a_flagfile(parse, tmp_path):
     c = parse(f"--flagfile={path}")
     assert c.model.backbone == "resnet50" and c.train.epochs == 7
     assert c.optimizer.lr_step_epochs == (2, 4)
+
+
+def test_benchmark_aliases_set_the_benchmark_flags_and_stay_out_of_flags_txt(parse):
+    c = parse("--mode=benchmark", "--compare=keras_fit", "--input=real")
+    assert c.benchmark.compare == "keras_fit" and c.benchmark.input == "real"
+    text = engine_flags.effective_flags(FLAGS)
+    assert "--benchmark_compare=keras_fit" in text and "--benchmark_input=real" in text
+    assert "\n--compare=" not in text and "\n--input=" not in text
