@@ -67,9 +67,11 @@ process before the windows and after every round. On a busy machine the
 peak reads low and the fraction high (even > 1): compare fractions from a
 quiet machine only.
 
-Precision: --mixed_precision=bfloat16 sets Keras' "mixed_bfloat16" policy
-before any model is built (the head keeps float32 logits, weights stay
-float32) and restores the previous policy at the end. --jit_compile needs
+Precision: --mixed_precision=bfloat16|float16 sets Keras' mixed policy
+(engine/precision.py) for the whole run, so the fit arm's model gets it too
+(the head keeps float32 logits, weights stay float32), and restores the
+previous policy at the end; float16 arms train with the engine's dynamic
+loss scale, the fit arm with the LossScaleOptimizer Keras' compile adds. --jit_compile needs
 the train step itself to be XLA-compiled, which engine/steps.py does not
 offer yet: the run checks the traced loop for XLA and stops with a
 ConfigError rather than time an uncompiled step under an XLA label.
@@ -90,7 +92,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from engine import distribute, freeze
+from engine import distribute, freeze, precision
 from engine.config import Config, ConfigError
 from engine.optimizer import _make_keras_optimizer, make_schedule
 
@@ -423,13 +425,9 @@ def run_benchmark(config: Config) -> List[Dict[str, object]]:
     then one JSON line per arm).
     """
     config = config.validated()
-    previous = keras.config.dtype_policy()
-    if config.train.mixed_precision == "bfloat16":
-        keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    try:
+    # The whole run under the policy: the Keras fit arm builds its model here too.
+    with precision.policy_scope(config.train.mixed_precision):
         return _run(config)
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
 
 
 def _run(config: Config) -> List[Dict[str, object]]:

@@ -89,7 +89,7 @@ flags.DEFINE_integer("image_every", _d.train.image_every, "A few input images wi
 flags.DEFINE_integer("early_stop_patience", _d.train.early_stop_patience, "Stop after N epochs without improvement of --best_metric (0: off).")
 flags.DEFINE_integer("plateau_patience", _d.train.plateau_patience, "Multiply the learning rate by --plateau_factor after N epochs without improvement of --best_metric (0: off).")
 flags.DEFINE_float("plateau_factor", _d.train.plateau_factor, "Learning rate factor of --plateau_patience.")
-flags.DEFINE_string("mixed_precision", _d.train.mixed_precision, "float32, or bfloat16 (Keras mixed_bfloat16 policy; float32 logits and weights). --mode=benchmark only so far; float16 is not supported yet.")
+flags.DEFINE_string("mixed_precision", _d.train.mixed_precision, "float32, bfloat16 or float16 (Keras mixed policies: float32 weights and logits; float16 with dynamic loss scaling in the train step).")
 flags.DEFINE_boolean("jit_compile", _d.train.jit_compile, "XLA-compile the train step (--mode=benchmark only; slower on CPU).")
 # Benchmark (--mode=benchmark)
 flags.DEFINE_float("benchmark_window_s", _d.benchmark.window_s, "Minimum length of each timed window, seconds.")
@@ -128,10 +128,7 @@ def _loss_name(f) -> str:
 
 def config_from_flags(f=flags.FLAGS) -> Config:
     """The one place flags become settings."""
-    # Until the trainer honours them, a train/eval/export run would silently ignore these.
-    if f.mode != "benchmark" and f.mixed_precision == "bfloat16":
-        raise ConfigError(f"--mixed_precision={f.mixed_precision} is only supported with "
-                          f"--mode=benchmark so far")
+    # Until the trainer honours it, a train/eval/export run would silently ignore it.
     if f.mode != "benchmark" and f.jit_compile:
         raise ConfigError("--jit_compile is only supported with --mode=benchmark so far")
     return Config(

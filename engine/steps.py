@@ -36,6 +36,7 @@ import tensorflow as tf
 
 from engine.health import StepGuard, StepSummaries
 from engine.optimizer import ParamGroup, clip_gradients
+from engine.precision import DynamicLossScale
 
 
 def _local_slice(tensors, local_replicas: int):
@@ -80,7 +81,8 @@ def make_train_loop(*, model, loss_fn: Callable, groups: Dict[str, ParamGroup],
                     after_step: Optional[Callable[[], None]] = None,
                     clipnorm: float = 0.0, clipvalue: float = 0.0,
                     guard: Optional[StepGuard] = None,
-                    summaries: Optional[StepSummaries] = None):
+                    summaries: Optional[StepSummaries] = None,
+                    loss_scale: Optional[DynamicLossScale] = None):
     """Returns (train_loop, trace_counter).
 
     train_loop(iterator, num_steps) runs num_steps steps and returns the mean
@@ -91,6 +93,9 @@ def make_train_loop(*, model, loss_fn: Callable, groups: Dict[str, ParamGroup],
     guard: where bad steps are counted; one is made when None (it is then
     trace_counter["guard"]). summaries: in-graph TensorBoard summaries,
     written when a default writer is set around the calls.
+    loss_scale: float16 training (precision.py): the loss is scaled before
+    the gradient and the summed gradients unscaled; an overflow step is
+    skipped like any non-finite one but counted there, not as a bad step.
     """
     names = [n for n in groups if phase_variables.get(n)]
     variables = [v for n in names for v in phase_variables[n]]
@@ -120,7 +125,8 @@ def make_train_loop(*, model, loss_fn: Callable, groups: Dict[str, ParamGroup],
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
             if model.losses:
                 loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
-        grads = tape.gradient(loss, watched)
+            scaled = loss * loss_scale.scale if loss_scale is not None else loss
+        grads = tape.gradient(scaled, watched)
         grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables)]
         # A finite loss can come with an overflowed BN batch variance: what the
         # forward pass wrote must be finite too. Each replica judges its own
@@ -137,6 +143,8 @@ def make_train_loop(*, model, loss_fn: Callable, groups: Dict[str, ParamGroup],
             # One all-reduce: every replica then holds the global loss too.
             loss, stats_bad, *grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM,
                                                      [loss, stats_bad] + grads)
+        if loss_scale is not None:
+            grads = [g / loss_scale.scale for g in grads]
         # The global norm is finite exactly when every gradient is (or it
         # overflows float32, above ~1.8e19, a step also worth skipping).
         norm = tf.linalg.global_norm(grads)
@@ -178,7 +186,13 @@ def make_train_loop(*, model, loss_fn: Callable, groups: Dict[str, ParamGroup],
             loss, grads, norm_r, ok_r = out[:4]
             loss, norm, ok = first(loss)[0], first(norm_r)[0], first(ok_r)[0]
             tf.cond(ok, lambda: apply(grads, norm_r), lambda: tf.constant(False))
-            guard.record(ok, images, labels)
+            if loss_scale is not None:
+                # An overflow is the scale search at work, not divergence.
+                counted_ok = tf.logical_or(ok, loss_scale.is_overflow(ok))
+                loss_scale.update(ok)
+            else:
+                counted_ok = ok
+            guard.record(counted_ok, images, labels)
             total += tf.where(ok, loss, 0.0)
             good += tf.cast(ok, tf.float32)
             if summaries is not None:

@@ -32,7 +32,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from engine import distribute, freeze
+from engine import distribute, freeze, precision
 from engine.callbacks import EpochCallbacks
 from engine.health import StepGuard, StepSummaries, TrainingDiverged, diagnose, first_non_finite, \
     make_state_check
@@ -70,7 +70,7 @@ class Trainer:
     # ---------------------------------------------------------------- build
     def _build(self):
         c = self.config
-        with self.strategy.scope():
+        with self.strategy.scope(), precision.policy_scope(c.train.mixed_precision):
             self.model = build_model(c.model.backbone, c.model.input_size, self.data.num_labels,
                                      task=c.model.task, weights=c.model.weights,
                                      dropout=c.model.dropout, sync_bn=c.model.sync_bn
@@ -95,6 +95,8 @@ class Trainer:
             self.ema = (EMA(self.model.weights, self.keys, c.train.ema_decay, c.train.ema_warmup,
                             self.strategy) if c.train.ema_decay else None)
             self.guard = StepGuard()
+            self.loss_scale = (precision.DynamicLossScale()
+                               if c.train.mixed_precision == "float16" else None)
             self.rollbacks = tf.Variable(0, name="rollbacks", **counter)
             self.callbacks = EpochCallbacks(
                 metric=c.train.best_metric, mode=c.train.best_mode, lr_scale=self.lr_scale,
@@ -110,7 +112,8 @@ class Trainer:
                                      "step_in_epoch": self.step_in_epoch,
                                      "unfrozen": self.unfrozen, "lr_scale": self.lr_scale,
                                      "best_metric": self.best, "rollbacks": self.rollbacks,
-                                     **self.guard.state(), **self.callbacks.state()})
+                                     **self.guard.state(), **self.callbacks.state(),
+                                     **(self.loss_scale.state() if self.loss_scale else {})})
         self.checkpoint = self.state.checkpoint()
         # train/*_best start as NaN ("none yet"): only weights, slots and shadows are checked.
         self._checked_keys = [k for k in self.state.keys
@@ -296,7 +299,8 @@ class Trainer:
             global_batch=c.train.batch_size, local_replicas=self.local_replicas,
             global_step=self.global_step, global_clipnorm=c.optimizer.global_clipnorm,
             after_step=after_step, clipnorm=c.optimizer.clipnorm,
-            clipvalue=c.optimizer.clipvalue, guard=self.guard, summaries=self.summaries)
+            clipvalue=c.optimizer.clipvalue, guard=self.guard, summaries=self.summaries,
+            loss_scale=self.loss_scale)
         self.phase = phase
         self.unfrozen.assign(int(phase == freeze.UNFROZEN))
         if switching or phase == freeze.FROZEN:
@@ -363,6 +367,8 @@ class Trainer:
         bad_steps = int(self.guard.bad_steps.numpy()) - bad_at_start
         if bad_steps:
             out["bad_steps"] = bad_steps
+        if self.loss_scale is not None:
+            out["loss_scale"] = float(self.loss_scale.scale.numpy())
         skipped = getattr(self.data, "skipped_records", 0)
         if skipped:
             out["skipped_records"] = skipped
