@@ -71,10 +71,10 @@ Precision: --mixed_precision=bfloat16|float16 sets Keras' mixed policy
 (engine/precision.py) for the whole run, so the fit arm's model gets it too
 (the head keeps float32 logits, weights stay float32), and restores the
 previous policy at the end; float16 arms train with the engine's dynamic
-loss scale, the fit arm with the LossScaleOptimizer Keras' compile adds. --jit_compile needs
-the train step itself to be XLA-compiled, which engine/steps.py does not
-offer yet: the run checks the traced loop for XLA and stops with a
-ConfigError rather than time an uncompiled step under an XLA label.
+loss scale, the fit arm with the LossScaleOptimizer Keras' compile adds.
+--jit_compile XLA-compiles each replica's forward/backward pass
+(engine/steps.py) and the fit arm's train function; the run checks the
+traced loop for XLA before it times anything.
 """
 from __future__ import annotations
 
@@ -527,8 +527,8 @@ def _run(config: Config) -> List[Dict[str, object]]:
         arm.warm_up(b.window_s)
         if i == 0 and c.train.jit_compile and not arm.xla_compiled():
             raise ConfigError(
-                "--jit_compile: the engine's train step is not XLA-compiled (engine/steps.py "
-                "has no jit_compile option yet); nothing was timed")
+                "--jit_compile: the engine's traced loop holds no XLA-compiled function; "
+                "nothing was timed")
     traces_before = {id(t): _trace_count(t) for t in trainers}
     for r in range(b.windows):
         shift = r % len(arms)

@@ -82,7 +82,8 @@ def make_train_loop(*, model, loss_fn: Callable, groups: Dict[str, ParamGroup],
                     clipnorm: float = 0.0, clipvalue: float = 0.0,
                     guard: Optional[StepGuard] = None,
                     summaries: Optional[StepSummaries] = None,
-                    loss_scale: Optional[DynamicLossScale] = None):
+                    loss_scale: Optional[DynamicLossScale] = None,
+                    jit_compile: bool = False):
     """Returns (train_loop, trace_counter).
 
     train_loop(iterator, num_steps) runs num_steps steps and returns the mean
@@ -96,6 +97,8 @@ def make_train_loop(*, model, loss_fn: Callable, groups: Dict[str, ParamGroup],
     loss_scale: float16 training (precision.py): the loss is scaled before
     the gradient and the summed gradients unscaled; an overflow step is
     skipped like any non-finite one but counted there, not as a bad step.
+    jit_compile: XLA-compile each replica's forward/backward pass (the bulk of
+    a step; the iterator and the optimizer's apply stay outside XLA).
     """
     names = [n for n in groups if phase_variables.get(n)]
     variables = [v for n in names for v in phase_variables[n]]
@@ -157,6 +160,9 @@ def make_train_loop(*, model, loss_fn: Callable, groups: Dict[str, ParamGroup],
 
             tf.cond(ok, lambda: tf.constant(False), put_back)
         return (loss, grads, norm, ok) + ((logits,) if want_logits else ())
+
+    if jit_compile:
+        replica_forward = tf.function(replica_forward, jit_compile=True)
 
     def replica_apply(grads, norm):
         grads = clip_gradients(grads, clipvalue=clipvalue, clipnorm=clipnorm,

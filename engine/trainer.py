@@ -36,7 +36,7 @@ from engine import distribute, freeze, precision
 from engine.callbacks import EpochCallbacks
 from engine.health import StepGuard, StepSummaries, TrainingDiverged, diagnose, first_non_finite, \
     make_state_check
-from engine.config import Config
+from engine.config import Config, ConfigError
 from engine.data import open_data
 from engine.ema import EMA
 from engine.losses import make_loss, parse_pos_weight
@@ -59,6 +59,9 @@ class Trainer:
         self.strategy = distribute.make_strategy(c.train.strategy, c.train.num_virtual_cpus)
         self.num_workers, self.worker_index, self.is_chief = distribute.worker_info(self.strategy)
         self.local_replicas = distribute.local_replica_count(self.strategy)
+        if c.train.jit_compile and self.strategy.num_replicas_in_sync > 1:
+            raise ConfigError(f"--jit_compile works with one replica only; --strategy="
+                              f"{c.train.strategy} runs {self.strategy.num_replicas_in_sync}")
         self.data = open_data(c.data.data_dir, os.path.expanduser(c.data.cache_dir), seed=c.train.seed,
                               task=c.model.task, skip_bad_records=c.data.skip_bad_records)
         self.steps_per_epoch = self.data.steps_per_epoch(c.train.batch_size)
@@ -300,7 +303,7 @@ class Trainer:
             global_step=self.global_step, global_clipnorm=c.optimizer.global_clipnorm,
             after_step=after_step, clipnorm=c.optimizer.clipnorm,
             clipvalue=c.optimizer.clipvalue, guard=self.guard, summaries=self.summaries,
-            loss_scale=self.loss_scale)
+            loss_scale=self.loss_scale, jit_compile=c.train.jit_compile)
         self.phase = phase
         self.unfrozen.assign(int(phase == freeze.UNFROZEN))
         if switching or phase == freeze.FROZEN:

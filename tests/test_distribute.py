@@ -298,3 +298,15 @@ def _tails(tmp_path):
             lines = [l for l in path.read_text().splitlines() if not l.startswith(("I0000", "W0000"))]
             out.append(f"--- worker {i} ---\n" + "\n".join(lines[-20:]))
     return "\n".join(out)
+
+
+def test_jit_compile_with_two_replicas_is_refused_naming_the_flag(tmp_path, embedded_cache):
+    from engine.trainer import Trainer
+    config = Config(
+        model=ModelConfig(backbone="tiny_cnn", input_size=SIZE),
+        data=DataConfig(cache_dir=embedded_cache),
+        train=TrainConfig(model_dir=str(tmp_path / "run"), strategy="mirrored",
+                          num_virtual_cpus=2, jit_compile=True, progress=False))
+    with pytest.raises(ConfigError, match=r"--jit_compile works with one replica only; "
+                                          r"--strategy=mirrored runs 2"):
+        Trainer(config)

@@ -105,3 +105,31 @@ def test_eval_batch_returns_probabilities_for_a_short_batch():
     logits = model(images).numpy()
     np.testing.assert_allclose(probs.numpy(), 1 / (1 + np.exp(-logits)), rtol=1e-5)
     np.testing.assert_allclose(per_example.numpy(), np.mean(logits ** 2, axis=-1), rtol=1e-5)
+
+
+def test_xla_compiled_loop_gives_the_same_weights():
+    cfg = OptimizerConfig(name="momentum", learning_rate=0.05, momentum=0.9, schedule="constant")
+    w = np.array([[0.5], [-1.0], [2.0]], np.float32)
+    b = np.array([0.25], np.float32)
+    x, y, ds = _data()
+    weights = []
+    for jit in (False, True):
+        model = _dense_model(w, b)
+        keys = model_variable_keys(model)
+        step = tf.Variable(0, dtype=tf.int64)
+        groups = make_param_groups(cfg, {"head": model.trainable_variables}, keys,
+                                   make_schedule(cfg, 10, 1), step, tf.Variable(1.0))
+        loop, _ = make_train_loop(
+            model=model, loss_fn=_mse, groups=groups,
+            phase_variables={"head": model.trainable_variables},
+            strategy=tf.distribute.get_strategy(), global_batch=4, local_replicas=1,
+            global_step=step, jit_compile=jit)
+        loop(iter(ds), tf.constant(4, tf.int32))
+        weights.append([v.numpy() for v in model.trainable_variables])
+        if jit:  # the traced loop really holds an XLA-compiled function
+            graph = loop.get_concrete_function(iter(ds), tf.constant(4, tf.int32)).graph.as_graph_def()
+            assert any("_XlaMustCompile" in f.attr and f.attr["_XlaMustCompile"].b
+                       for f in graph.library.function) or any(
+                "_XlaMustCompile" in n.attr and n.attr["_XlaMustCompile"].b for n in graph.node)
+    for a, b_ in zip(*weights):
+        np.testing.assert_allclose(a, b_, rtol=1e-5, atol=1e-6)
