@@ -63,6 +63,9 @@ class DataConfig:
     # TFRecord records and CSV rows naming no file when the data is opened,
     # and train without them (counted in the epoch report) instead of failing.
     skip_bad_records: bool = False
+    # Decode the training split once and keep it in memory when it takes at
+    # most this many MB as float32 pixels (0: decode every epoch).
+    decoded_cache_mb: int = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,6 +189,7 @@ class Config:
         _one_of("backbone", m.backbone, BACKBONES)
         _one_of("task", m.task, TASKS)
         _one_of("optimizer", o.name, OPTIMIZERS)
+        _at_least("decoded_cache_mb", self.data.decoded_cache_mb, 0)
         _one_of("lr_schedule", o.schedule, SCHEDULES)
         _one_of("strategy", t.strategy, STRATEGIES)
         _one_of("best_mode", t.best_mode, ("min", "max"))

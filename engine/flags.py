@@ -30,6 +30,7 @@ flags.DEFINE_string("data_dir", "", "User data (TFRecords or images + labels.csv
 flags.DEFINE_string("cache_dir", _d.data.cache_dir, "Where the embedded dataset is made on first use.")
 flags.DEFINE_boolean("augment", _d.data.augment, "Random flips while training.")
 flags.DEFINE_boolean("skip_bad_records", _d.data.skip_bad_records, "Check every record when the data is opened and train without the bad ones (undecodable image, wrong-size image, wrong label width, corrupt TFRecord record, CSV row naming no file), counting them in the epoch report; without it a bad record stops the run naming file and record.")
+flags.DEFINE_integer("decoded_cache_mb", _d.data.decoded_cache_mb, "Decode the training and validation images once and keep them in memory when a split takes at most this many MB as float32 pixels at --input_size (0: decode every epoch).")
 # Optimizer
 flags.DEFINE_string("optimizer", _d.optimizer.name, "sgd, momentum, adam, adamw or rmsprop.")
 flags.DEFINE_float("learning_rate", _d.optimizer.learning_rate, "Peak learning rate.")
@@ -136,7 +137,8 @@ def config_from_flags(f=flags.FLAGS) -> Config:
                           seg_model=f.seg_model, unet_depth=f.unet_depth,
                           unet_filters=f.unet_filters),
         data=DataConfig(data_dir=f.data_dir or None, cache_dir=f.cache_dir, augment=f.augment,
-                        skip_bad_records=f.skip_bad_records),
+                        skip_bad_records=f.skip_bad_records,
+                        decoded_cache_mb=f.decoded_cache_mb),
         optimizer=OptimizerConfig(
             name=f.optimizer, learning_rate=f.learning_rate, momentum=f.momentum,
             weight_decay=f.weight_decay, schedule=f.lr_schedule, warmup_epochs=f.warmup_epochs,

@@ -64,6 +64,7 @@ class Trainer:
                               f"{c.train.strategy} runs {self.strategy.num_replicas_in_sync}")
         self.data = open_data(c.data.data_dir, os.path.expanduser(c.data.cache_dir), seed=c.train.seed,
                               task=c.model.task, skip_bad_records=c.data.skip_bad_records)
+        self.data.decoded_cache_bytes = c.data.decoded_cache_mb << 20
         self.steps_per_epoch = self.data.steps_per_epoch(c.train.batch_size)
         if c.train.steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, c.train.steps_per_epoch)

@@ -431,3 +431,49 @@ def test_skip_bad_records_in_csv_data(tmp_path):
     assert data.num_train == 12 and data.skipped_records == 2
     assert "labels.csv line 14" in data.bad_records[0] and "broken.png: image does not decode" in \
         data.bad_records[1]
+
+
+def _epoch(data, cached, **kw):
+    data.decoded_cache_bytes = (1 << 30) if cached else 0
+    return _batches(data.train_dataset(global_batch=8, input_size=kw.pop("input_size", 24), seed=3,
+                                       **kw))
+
+
+@pytest.mark.parametrize("kw", [dict(epoch=0), dict(epoch=2, skip_batches=5),
+                                dict(epoch=1, augment=False),
+                                dict(epoch=1, num_shards=2, shard_index=1, skip_batches=2)],
+                         ids=["epoch0", "resume_skip", "no_augment", "shard"])
+def test_decoded_cache_gives_exactly_the_decoding_paths_batches(embedded_cache, kw):
+    data = open_data(None, embedded_cache)
+    decoding = _epoch(data, cached=False, **dict(kw))
+    assert not data._decoded
+    cached = _epoch(data, cached=True, **dict(kw))
+    assert 24 in data._decoded  # the cached path really ran
+    assert data._decoded[24][0].shape == (data.num_train, 24, 24, 3)
+    assert len(cached) == len(decoding) > 0
+    for (xa, ya), (xb, yb) in zip(decoding, cached):
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ya, yb)
+
+
+def test_decoded_cache_is_used_only_within_its_budget(embedded_cache):
+    data = open_data(None, embedded_cache)
+    data.decoded_cache_bytes = data.num_train * 16 * 16 * 3 * 4  # exactly fits 16 px, not 24
+    data.train_dataset(epoch=0, global_batch=8, input_size=16, seed=0)
+    data.train_dataset(epoch=0, global_batch=8, input_size=24, seed=0)
+    assert list(data._decoded) == [16]
+
+
+def test_val_dataset_is_built_once_and_reads_the_same_every_pass(embedded_cache):
+    data = open_data(None, embedded_cache)
+    ds = data.val_dataset(global_batch=100, input_size=16)
+    assert data.val_dataset(global_batch=100, input_size=16) is ds
+    first, second = _batches(ds), _batches(ds)
+    uncached = open_data(None, embedded_cache)
+    uncached.decoded_cache_bytes = 0
+    fresh = _batches(uncached.val_dataset(global_batch=100, input_size=16))
+    assert len(first) == len(second) == len(fresh) == 6  # 512 = 5 x 100 + 12
+    for a, b, c in zip(first, second, fresh):
+        for x, y, z in zip(a, b, c):
+            np.testing.assert_array_equal(x, y)
+            np.testing.assert_array_equal(x, z)

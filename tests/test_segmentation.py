@@ -250,3 +250,16 @@ def test_constant_seg_head_is_reported_as_collapsed(tmp_path, seg_cache):
     assert sum("barely vary" in w and w.startswith("val: class '") for w in warnings) == 4
     assert any("100.0% of pixels are predicted as 'background'" in w for w in warnings)
     assert all("--loss=ce+lovasz" in w for w in warnings)
+
+
+def test_decoded_cache_flips_image_and_mask_exactly_like_decoding(seg_data):
+    batches = {}
+    for cached in (False, True):
+        seg_data.decoded_cache_bytes = (1 << 30) if cached else 0
+        seg_data._decoded = {}
+        batches[cached] = [(x.numpy(), m.numpy()) for x, m in seg_data.train_dataset(
+            epoch=1, global_batch=16, input_size=32, seed=5, skip_batches=2)]
+    assert seg_data._decoded and len(batches[True]) == len(batches[False]) > 0
+    for (xa, ma), (xb, mb) in zip(batches[False], batches[True]):
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ma, mb)

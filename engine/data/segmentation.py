@@ -193,15 +193,15 @@ class _SegSource(DataSource):
         """(image bytes, mask bytes, 'where' string) of one element."""
         raise NotImplementedError
 
-    def _load(self, elem, input_size, flip_seed):
+    def _decode_example(self, elem, input_size):
         image_bytes, mask_bytes, where = self._pair(*elem)
         image = _decode(image_bytes, where, input_size)
-        mask = _decode_mask(mask_bytes, where, input_size, self.num_labels)
-        if flip_seed is not None:  # one draw decides for image and mask
-            flip = tf.random.stateless_uniform([], flip_seed) < 0.5
-            image = tf.where(flip, tf.reverse(image, [1]), image)
-            mask = tf.where(flip, tf.reverse(mask, [1]), mask)
-        return image, mask
+        return image, _decode_mask(mask_bytes, where, input_size, self.num_labels)
+
+    @staticmethod
+    def _flip(image, mask, flip_seed):
+        flip = tf.random.stateless_uniform([], flip_seed) < 0.5  # one draw for image and mask
+        return tf.where(flip, tf.reverse(image, [1]), image), tf.where(flip, tf.reverse(mask, [1]), mask)
 
     @property
     def majority_class(self):
