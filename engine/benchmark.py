@@ -102,12 +102,18 @@ EMA_DECAY = 0.999  # --benchmark_compare=ema turns EMA on with this decay
 MATMUL_N, MATMUL_REPEATS = 2048, 3
 
 # Targets from the tracker, checked on the records: ratio prefix ->
-# (lowest acceptable median, the backbones it applies to; None: all).
+# [(lowest acceptable median, the backbones it applies to (None: all),
+#   the fit arm it applies to: "spe=1", "spe=K" (the engine's K) or None: any)].
 TARGETS = {
-    "ema_over_off": (0.97, None),  # EMA costs at most 3%
-    "frozen_over_unfrozen": (3.0, ("inceptionv3",)),
-    "mirrored1_over_default": (0.95, None),
+    "ema_over_off": [(0.97, None, None)],  # EMA costs at most 3%
+    "frozen_over_unfrozen": [(3.0, ("inceptionv3",), None)],
+    "mirrored1_over_default": [(0.95, None, None)],
+    "real_over_synthetic": [(0.95, None, None)],
+    "engine_over_fit": [(1.15, ("inceptionv3",), "spe=1"), (1.0, ("inceptionv3",), "spe=K"),
+                        (1.25, ("tiny_cnn",), "spe=K")],  # tiny_cnn: with K >= 20
 }
+# Achieved FLOP/s over the matmul peak, unfrozen engine/synthetic arm.
+PEAK_FRACTION_TARGET = (0.60, ("inceptionv3",))
 
 
 # ----------------------------------------------------------------- arms
@@ -408,12 +414,18 @@ def _trace_count(trainer) -> int:
     return int(trainer.train_loop.experimental_get_tracing_count())
 
 
-def target_for(prefix: str, backbone: str) -> Optional[float]:
-    """The tracker's lowest acceptable median for a ratio, if it has one for this backbone."""
-    if prefix not in TARGETS:
-        return None
-    low, backbones = TARGETS[prefix]
-    return low if backbones is None or backbone in backbones else None
+def target_for(prefix: str, backbone: str, arm: str = "", steps_per_loop: int = 1) -> Optional[float]:
+    """The tracker's lowest acceptable median for a ratio, if it has one for this arm."""
+    for low, backbones, fit_arm in TARGETS.get(prefix, ()):
+        if backbones is not None and backbone not in backbones:
+            continue
+        if fit_arm == "spe=1" and arm != "keras_fit/spe=1":
+            continue
+        if fit_arm == "spe=K" and (arm != f"keras_fit/spe={steps_per_loop}" or steps_per_loop == 1
+                                   or (backbone == "tiny_cnn" and steps_per_loop < 20)):
+            continue
+        return low
+    return None
 
 
 # ------------------------------------------------------------------ run
@@ -597,6 +609,10 @@ def _run(config: Config) -> List[Dict[str, object]]:
                "achieved_flops_per_sec": achieved,
                "matmul_peak_flops_per_sec": peak,
                "fraction_of_peak": achieved / peak}
+        low, backbones = PEAK_FRACTION_TARGET
+        if arm.name == REFERENCE and not rec["frozen"] and c.model.backbone in backbones:
+            rec["fraction_of_peak_target"] = low
+            rec["fraction_of_peak_meets_target"] = rec["fraction_of_peak"] >= low
         if arm.kind == "engine":
             rec["traces"] = _trace_count(t)
             rec["retraced_during_timing"] = retraced[id(t)]
@@ -610,7 +626,7 @@ def _run(config: Config) -> List[Dict[str, object]]:
         rec.update({"ratio": prefix, "ratio_label": label,
                     f"{prefix}_median": r["median"], f"{prefix}_min": r["min"],
                     f"{prefix}_max": r["max"], f"{prefix}_per_window": r["per_window"]})
-        target = target_for(prefix, c.model.backbone)
+        target = target_for(prefix, c.model.backbone, carrier, c.train.steps_per_loop)
         if target is not None:
             rec[f"{prefix}_target"] = target
             rec[f"{prefix}_meets_target"] = r["median"] >= target
@@ -768,6 +784,13 @@ def markdown_table(records: Sequence[Dict[str, object]]) -> str:
             f"{_g(r.get('fraction_of_peak'), 0.01, 1)} | {r['time_to_first_step_s']:.2f} | "
             f"{ratio} | {r.get('cores_busy_median', float('nan')):.2f} | "
             f"{r['loadavg_1m_start']} - {r['loadavg_1m_end']} |")
+    for r in records:
+        if "fraction_of_peak_target" in r:
+            comparisons.append(
+                f"| {r['backbone']} {'x'.join(str(v) for v in r['input_shape'][:2])} | "
+                f"achieved FLOP/s / matmul peak ({r['arm']}) | {r['fraction_of_peak']:.3f} | - | "
+                f"target >= {r['fraction_of_peak_target']:g}: "
+                f"{'met' if r['fraction_of_peak_meets_target'] else 'MISSED'} |")
     text = head + rows
     if comparisons:
         text += ["", "Comparisons (each arm against the run's engine/synthetic arm, per round):", "",

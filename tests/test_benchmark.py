@@ -12,7 +12,7 @@ from absl import flags
 
 from engine import distribute
 from engine import flags as engine_flags
-from engine.benchmark import format_table, graph_flops, markdown_table, run_benchmark
+from engine.benchmark import format_table, graph_flops, markdown_table, run_benchmark, target_for
 from engine.config import (BenchmarkConfig, Config, ConfigError, DataConfig, ModelConfig,
                            TrainConfig)
 
@@ -251,3 +251,16 @@ def test_standard_set_dry_run_lists_one_process_per_backbone():
         assert f"--benchmark_compare={ALL}" in cmd and "--benchmark_input=both" in cmd
         assert "--steps_per_loop=20" in cmd
     assert not os.path.exists("/nonexistent")
+
+
+def test_targets_apply_to_the_arms_the_tracker_names():
+    assert target_for("engine_over_fit", "inceptionv3", "keras_fit/spe=1", 20) == 1.15
+    assert target_for("engine_over_fit", "inceptionv3", "keras_fit/spe=20", 20) == 1.0
+    assert target_for("engine_over_fit", "tiny_cnn", "keras_fit/spe=20", 20) == 1.25
+    assert target_for("engine_over_fit", "tiny_cnn", "keras_fit/spe=5", 5) is None  # K < 20
+    assert target_for("engine_over_fit", "tiny_cnn", "keras_fit/spe=1", 20) is None
+    assert target_for("engine_over_fit", "mobilenetv2", "keras_fit/spe=1", 20) is None
+    assert target_for("real_over_synthetic", "mobilenetv2", "engine/real", 20) == 0.95
+    assert target_for("frozen_over_unfrozen", "tiny_cnn", "engine/frozen", 20) is None
+    assert target_for("frozen_over_unfrozen", "inceptionv3", "engine/frozen", 20) == 3.0
+    assert target_for("k1_over_k", "inceptionv3", "engine/K=1", 20) is None
