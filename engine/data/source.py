@@ -207,9 +207,16 @@ class DataSource:
         images, targets = [], []
         ds = self._checked_elements("train").map(lambda *elem: self._decode_example(elem, input_size),
                                                  num_parallel_calls=AUTOTUNE, deterministic=True)
-        for image, target in ds.batch(256).prefetch(1):
-            images.append(image.numpy())
-            targets.append(target.numpy())
+        try:
+            for image, target in ds.batch(256).prefetch(1):
+                images.append(image.numpy())
+                targets.append(target.numpy())
+        except (tf.errors.InvalidArgumentError, tf.errors.DataLossError,
+                tf.errors.NotFoundError) as e:  # a bad record: name it, as reading would
+            error = self.explain_error("train", e)
+            if error is None:
+                raise
+            raise error from None
         count = sum(len(i) for i in images)
         if count != self.num_train:
             raise DataError(f"{self.description}: {count} training records read, "
