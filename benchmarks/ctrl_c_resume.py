@@ -36,6 +36,20 @@ def _final(model_dir):
             if not k.startswith("_CHECKPOINTABLE_OBJECT_GRAPH")}
 
 
+def compare(full_dir, stopped_dir):
+    """Keys whose final values differ (NaN equals NaN: unset callback bests are NaN).
+
+    save_counter is left out: it counts the saves of each process's
+    tf.train.Checkpoint object (the stopped run's resumed process made fewer),
+    not training state.
+    """
+    a, b = _final(full_dir), _final(stopped_dir)
+    keys = [k for k in a if not k.startswith("save_counter")]
+    differ = [k for k in keys if k not in b or a[k].shape != b[k].shape
+              or not np.array_equal(a[k], b[k], equal_nan=a[k].dtype.kind == "f")]
+    return differ, len(keys)
+
+
 def main(argv):
     work = next((a.split("=", 1)[1] for a in argv if a.startswith("--work_dir=")), "/tmp/ctrl_c_resume")
     extra = [a for a in argv if not a.startswith("--work_dir=")]
@@ -63,9 +77,8 @@ def main(argv):
     subprocess.run(_cmd(stopped_dir, extra), check=True)
     times["resumed"] = time.time() - tic
 
-    a, b = _final(full_dir), _final(stopped_dir)
-    differ = [k for k in a if k not in b or a[k].shape != b[k].shape or not np.array_equal(a[k], b[k])]
-    print(f"tensors compared: {len(a)}; differ: {len(differ)} {differ[:5]}")
+    differ, compared = compare(full_dir, stopped_dir)
+    print(f"tensors compared: {compared}; differ: {len(differ)} {differ[:5]}")
     print("wall seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
     return 1 if differ or proc.returncode != 75 else 0
 

@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _cmd(model_dir, cache):
     return [sys.executable, os.path.join(ROOT, "train_main.py"), f"--model_dir={model_dir}",
             f"--cache_dir={cache}", "--backbone=tiny_cnn", "--batch_size=16",
-            "--steps_per_epoch=60", "--steps_per_loop=2", "--epochs=3", "--unfreeze_at=1",
+            "--steps_per_epoch=30", "--steps_per_loop=2", "--epochs=3", "--unfreeze_at=1",
             "--deterministic", "--progress=false"]
 
 

@@ -21,14 +21,12 @@ def test_train_then_resume_from_the_same_model_dir(tmp_path, embedded_cache):
     assert first.returncode == 0, first.stderr
     assert "epoch 1:" in first.stdout and "fresh start" in first.stdout
     assert open(tmp_path / "run" / "flags.txt").read().count("--backbone=tiny_cnn") == 1
-    second = _run(*common, "--epochs=2")
+    # Again, through a flagfile of the effective flags (it repeats the setup), one epoch longer.
+    second = _run(f"--flagfile={tmp_path}/run/flags.txt", "--epochs=2")
     assert second.returncode == 0, second.stderr
     assert "resumed" in second.stdout and "epoch 2:" in second.stdout and "epoch 1:" not in second.stdout
     rows = open(tmp_path / "run" / "metrics.csv").read().splitlines()
     assert rows[0].startswith("epoch,loss") and len(rows) == 3
-    # a flagfile of the effective flags repeats the setup
-    third = _run(f"--flagfile={tmp_path}/run/flags.txt", "--epochs=3")
-    assert third.returncode == 0 and "epoch 3:" in third.stdout
 
 
 @pytest.mark.parametrize("args,message", [
