@@ -124,7 +124,7 @@ class DataSource:
         self.bad_records = []  # ... and one line about each
         self._bad = {}  # split -> indices (in file order) of records left out
         self.decoded_cache_bytes = 1 << 30  # decode once when the split fits (0: never)
-        self._decoded = {}  # input_size -> (images, targets) variables, train split, file order
+        self._decoded = {}  # input_size -> (images, targets) host tensors, train split, file order
         self._val = {}  # (global_batch, input_size) -> the validation dataset, built once
 
     def __repr__(self):
