@@ -21,7 +21,7 @@ def _dense_model(kernel, bias):
     return model
 
 
-def _loop(model, opt_cfg, global_batch, clipnorm=0.0):
+def _loop(model, opt_cfg, global_batch, clipnorm=0.0, jit_compile=False):
     keys = model_variable_keys(model)
     step = tf.Variable(0, dtype=tf.int64)
     groups = make_param_groups(opt_cfg, {"head": model.trainable_variables}, keys,
@@ -30,7 +30,7 @@ def _loop(model, opt_cfg, global_batch, clipnorm=0.0):
         model=model, loss_fn=_mse, groups=groups,
         phase_variables={"head": model.trainable_variables},
         strategy=tf.distribute.get_strategy(), global_batch=global_batch, local_replicas=1,
-        global_step=step, global_clipnorm=clipnorm)
+        global_step=step, global_clipnorm=clipnorm, jit_compile=jit_compile)
     return loop, traces, step
 
 
@@ -115,15 +115,7 @@ def test_xla_compiled_loop_gives_the_same_weights():
     weights = []
     for jit in (False, True):
         model = _dense_model(w, b)
-        keys = model_variable_keys(model)
-        step = tf.Variable(0, dtype=tf.int64)
-        groups = make_param_groups(cfg, {"head": model.trainable_variables}, keys,
-                                   make_schedule(cfg, 10, 1), step, tf.Variable(1.0))
-        loop, _ = make_train_loop(
-            model=model, loss_fn=_mse, groups=groups,
-            phase_variables={"head": model.trainable_variables},
-            strategy=tf.distribute.get_strategy(), global_batch=4, local_replicas=1,
-            global_step=step, jit_compile=jit)
+        loop, _, _ = _loop(model, cfg, global_batch=4, jit_compile=jit)
         loop(iter(ds), tf.constant(4, tf.int32))
         weights.append([v.numpy() for v in model.trainable_variables])
         if jit:  # the traced loop really holds an XLA-compiled function
