@@ -95,6 +95,7 @@ import tensorflow as tf
 from engine import distribute, freeze, precision
 from engine.config import Config, ConfigError
 from engine.optimizer import _make_keras_optimizer, make_schedule
+from engine.steps import holds_xla_function
 
 SYNTHETIC, REAL = "synthetic", "real"
 REFERENCE = "engine/synthetic"  # every comparison is timed against this arm
@@ -182,17 +183,9 @@ class _EngineArm(_Arm):
         return calls * self.steps_per_loop, time.perf_counter() - start
 
     def xla_compiled(self) -> bool:
-        """Whether the traced loop runs its step under XLA (a function marked must-compile)."""
-        concrete = self.trainer.train_loop.get_concrete_function(self.iterator, self.k)
-        graph = concrete.graph.as_graph_def()
-        if any(_must_compile(node.attr) for node in graph.node):
-            return True
-        return any(_must_compile(f.attr) or any(_must_compile(n.attr) for n in f.node_def)
-                   for f in graph.library.function)
-
-
-def _must_compile(attrs) -> bool:
-    return "_XlaMustCompile" in attrs and attrs["_XlaMustCompile"].b
+        """Whether the traced loop runs its step under XLA."""
+        return holds_xla_function(self.trainer.train_loop.get_concrete_function(self.iterator,
+                                                                                self.k))
 
 
 class _FitWindow(keras.callbacks.Callback):

@@ -215,6 +215,20 @@ def make_train_loop(*, model, loss_fn: Callable, groups: Dict[str, ParamGroup],
     return train_loop, traces
 
 
+def holds_xla_function(concrete_function) -> bool:
+    """Whether a traced function runs part of itself under XLA (a function marked must-compile).
+
+    What --jit_compile is checked by: a jit_compile=True tf.function nested in
+    the loop shows up as a library function or call node with _XlaMustCompile.
+    """
+    def must(attrs):
+        return "_XlaMustCompile" in attrs and attrs["_XlaMustCompile"].b
+
+    graph = concrete_function.graph.as_graph_def()
+    return any(must(node.attr) for node in graph.node) or any(
+        must(f.attr) or any(must(n.attr) for n in f.node_def) for f in graph.library.function)
+
+
 def _tf_variable(v):
     return v.value if not isinstance(v, tf.Variable) else v
 

@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from engine.data import DataError, DataSource, open_data
 from engine.data import csv_source, embedded
+from engine.data.source import epoch_flips, flip_rows
 from engine.data.tfrecord import write_tfrecords
 
 
@@ -483,3 +484,27 @@ def test_val_dataset_is_built_once_and_reads_the_same_every_pass(embedded_cache)
         for x, y, z in zip(a, b, c):
             np.testing.assert_array_equal(x, y)
             np.testing.assert_array_equal(x, z)
+
+
+
+def test_epoch_flips_are_a_pure_function_of_seed_and_epoch_and_flip_just_those_rows():
+    flips = epoch_flips(1000, seed=3, epoch=1).numpy()
+    np.testing.assert_array_equal(flips, epoch_flips(1000, seed=3, epoch=1).numpy())
+    assert 400 < flips.sum() < 600
+    assert (flips != epoch_flips(1000, seed=3, epoch=2).numpy()).sum() > 300  # a new epoch, new flips
+    images = np.arange(5 * 2 * 3 * 3, dtype=np.float32).reshape([5, 2, 3, 3])
+    some = np.array([True, False, False, True, True])
+    expected = np.where(some[:, None, None, None], images[:, :, ::-1, :], images)
+    np.testing.assert_array_equal(flip_rows(images, some), expected)
+    np.testing.assert_array_equal(flip_rows(images, np.zeros(5, bool)), images)
+
+
+def test_training_batches_are_the_unflipped_ones_flipped_where_epoch_flips_says(embedded_cache):
+    data = open_data(None, embedded_cache)
+    for cached in (False, True):
+        plain = _epoch(data, cached, epoch=1, augment=False)[:3]
+        augmented = _epoch(data, cached, epoch=1)[:3]
+        flips = epoch_flips(data.num_train, seed=3, epoch=1).numpy()[:24].reshape([3, 8])
+        for (x, y), (xa, ya), f in zip(plain, augmented, flips):
+            np.testing.assert_array_equal(xa, np.where(f[:, None, None, None], x[:, :, ::-1], x))
+            np.testing.assert_array_equal(ya, y)

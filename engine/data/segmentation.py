@@ -40,7 +40,7 @@ import tensorflow as tf
 
 from engine.data import csv_source, tfrecord
 from engine.data.errors import DataError
-from engine.data.source import AUTOTUNE, DataSource, _decode, _read_labels_txt
+from engine.data.source import AUTOTUNE, DataSource, _decode, _read_labels_txt, flip_rows
 
 DIRNAME = "embedded_seg_v1"
 GENERATOR_SEED = 20240613
@@ -199,9 +199,12 @@ class _SegSource(DataSource):
         return image, _decode_mask(mask_bytes, where, input_size, self.num_labels)
 
     @staticmethod
-    def _flip(image, mask, flip_seed):
-        flip = tf.random.stateless_uniform([], flip_seed) < 0.5  # one draw for image and mask
+    def _flip(image, mask, flip):
         return tf.where(flip, tf.reverse(image, [1]), image), tf.where(flip, tf.reverse(mask, [1]), mask)
+
+    @staticmethod
+    def _flip_batch(images, masks, flips):
+        return flip_rows(images, flips), flip_rows(masks, flips)
 
     @property
     def majority_class(self):

@@ -1,0 +1,114 @@
+"""Where a train step's time goes: the engine's loop against bare loops and Keras fit.
+
+    python benchmarks/profile_step.py                      # tiny_cnn at 32, batch 32, K=20
+    python benchmarks/profile_step.py --backbone=inceptionv3 --input_size=96 --batch_size=16
+
+One process, one model, one synthetic batch repeated; the arms' windows are
+alternated as in `--mode=benchmark` (engine/benchmark.py), so each ratio is
+taken between windows measured side by side. Every arm trains the same
+model's variables (each with its own optimizer), K steps per traced call:
+
+    engine           the Trainer's train loop (guard, param groups, clipping)
+    bare             a minimal K-step loop: tape, mean loss, apply_gradients
+    forward+backward the bare loop without the optimizer's apply
+    forward          the bare loop's forward pass and loss only
+    keras_fit        Keras model.fit, steps_per_execution=K
+
+So engine/bare is what the engine's own machinery costs, fit/bare what
+Keras' does, and forward+backward/bare how much of a step the optimizer is.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import types
+
+from absl import app, flags
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+flags.DEFINE_string("backbone", "tiny_cnn", "Backbone (weights=None).")
+flags.DEFINE_integer("input_size", 32, "Input size.")
+flags.DEFINE_integer("batch_size", 32, "Global batch.")
+flags.DEFINE_integer("steps_per_loop", 20, "K, steps per traced call (and fit's steps_per_execution).")
+flags.DEFINE_integer("windows", 5, "Alternated windows per arm.")
+flags.DEFINE_float("window_s", 2.0, "Seconds per window.")
+flags.DEFINE_string("cache_dir", "~/.cache/tapeworks", "Where the embedded data set lives.")
+FLAGS = flags.FLAGS
+
+
+def bare_loops(model, loss_fn, optimizer):
+    """{name: tf.function(iterator, k) -> (loss, 0.)} of the three bare arms."""
+    import tensorflow as tf
+
+    variables = model.trainable_variables
+
+    def make(apply: bool, backward: bool):
+        @tf.function
+        def loop(iterator, k):
+            loss = tf.constant(0.0)
+            for _ in tf.range(k):
+                images, labels = next(iterator)
+                with tf.GradientTape() as tape:
+                    loss = tf.reduce_mean(loss_fn(labels, model(images, training=True)))
+                if backward:
+                    grads = tape.gradient(loss, variables)
+                    if apply:
+                        optimizer.apply_gradients(zip(grads, variables))
+                    else:  # keep the gradients alive, as an apply would
+                        loss += 0.0 * tf.add_n([tf.reduce_sum(g) for g in grads])
+            return loss, tf.constant(0.0)
+        return loop
+
+    return {"bare": make(True, True), "forward+backward": make(False, True),
+            "forward": make(False, False)}
+
+
+def main(argv):
+    del argv
+    import tensorflow as tf
+
+    from engine import benchmark, freeze
+    from engine.config import Config, DataConfig, ModelConfig, TrainConfig
+    from engine.optimizer import _make_keras_optimizer, make_schedule
+    from engine.trainer import Trainer
+
+    k = FLAGS.steps_per_loop
+    config = Config(model=ModelConfig(backbone=FLAGS.backbone, input_size=FLAGS.input_size),
+                    data=DataConfig(cache_dir=FLAGS.cache_dir),
+                    train=TrainConfig(batch_size=FLAGS.batch_size, steps_per_loop=k,
+                                      model_dir="/tmp/tapeworks_profile_step", progress=False,
+                                      summary_every=0)).validated()
+    trainer = Trainer(config)
+    trainer._enter_phase(freeze.UNFROZEN)
+    batch = next(iter(trainer.data.train_dataset(epoch=0, global_batch=FLAGS.batch_size,
+                                                 input_size=FLAGS.input_size, seed=0)))
+    synthetic = tf.data.Dataset.from_tensors(batch).repeat()
+    schedule = make_schedule(config.optimizer, trainer.steps_per_epoch, config.train.epochs)
+    optimizer = _make_keras_optimizer(config.optimizer, schedule, name="bare")
+    arms = [benchmark._EngineArm("engine", "synthetic", trainer, synthetic, k)]
+    for name, loop in bare_loops(trainer.model, trainer.loss_fn, optimizer).items():
+        arms.append(benchmark._EngineArm(name, "synthetic", types.SimpleNamespace(train_loop=loop),
+                                         synthetic, k))
+    arms.append(benchmark._FitArm(trainer, synthetic, k))
+    for arm in arms:
+        arm.warm_up(FLAGS.window_s)
+    for r in range(FLAGS.windows):
+        shift = r % len(arms)
+        for arm in arms[shift:] + arms[:shift]:
+            arm.measure(FLAGS.window_s)
+    bare = arms[1]
+    print(f"{FLAGS.backbone} {FLAGS.input_size}x{FLAGS.input_size} batch {FLAGS.batch_size}, "
+          f"K={k}, {FLAGS.windows} alternated windows of >= {FLAGS.window_s} s")
+    print(f"{'arm':<18} {'steps/s':>9} {'ms/step':>8}  {'/ bare (median [min - max])':<28}")
+    for arm in arms:
+        s = benchmark._summary(arm.rates())
+        r = benchmark._ratios(arm, bare)
+        print(f"{arm.name:<18} {s['median']:9.2f} {1000 / s['median']:8.2f}  "
+              f"{r['median']:.3f} [{r['min']:.3f} - {r['max']:.3f}]")
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)
