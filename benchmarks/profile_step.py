@@ -10,12 +10,16 @@ model's variables (each with its own optimizer), K steps per traced call:
 
     engine           the Trainer's train loop (guard, param groups, clipping)
     bare             a minimal K-step loop: tape, mean loss, apply_gradients
+                     (the engine's optimizer: Keras' with fused TF kernels)
+    bare/keras_opt   the bare loop with Keras' own optimizer class
     forward+backward the bare loop without the optimizer's apply
     forward          the bare loop's forward pass and loss only
     keras_fit        Keras model.fit, steps_per_execution=K
 
-So engine/bare is what the engine's own machinery costs, fit/bare what
-Keras' does, and forward+backward/bare how much of a step the optimizer is.
+So engine/bare is what the engine's own machinery costs (the non-finite
+guard, parameter groups), fit/bare what Keras' does, bare/keras_opt what
+the fused update kernels save, and forward+backward/bare how much of a step
+the optimizer is.
 """
 from __future__ import annotations
 
@@ -38,13 +42,13 @@ flags.DEFINE_string("cache_dir", "~/.cache/tapeworks", "Where the embedded data 
 FLAGS = flags.FLAGS
 
 
-def bare_loops(model, loss_fn, optimizer):
-    """{name: tf.function(iterator, k) -> (loss, 0.)} of the three bare arms."""
+def bare_loops(model, loss_fn, optimizer, keras_optimizer):
+    """{name: tf.function(iterator, k) -> (loss, 0.)} of the four bare arms."""
     import tensorflow as tf
 
     variables = model.trainable_variables
 
-    def make(apply: bool, backward: bool):
+    def make(apply: bool, backward: bool, optimizer=optimizer):
         @tf.function
         def loop(iterator, k):
             loss = tf.constant(0.0)
@@ -61,7 +65,8 @@ def bare_loops(model, loss_fn, optimizer):
             return loss, tf.constant(0.0)
         return loop
 
-    return {"bare": make(True, True), "forward+backward": make(False, True),
+    return {"bare": make(True, True), "bare/keras_opt": make(True, True, keras_optimizer),
+            "forward+backward": make(False, True),
             "forward": make(False, False)}
 
 
@@ -87,8 +92,9 @@ def main(argv):
     synthetic = tf.data.Dataset.from_tensors(batch).repeat()
     schedule = make_schedule(config.optimizer, trainer.steps_per_epoch, config.train.epochs)
     optimizer = _make_keras_optimizer(config.optimizer, schedule, name="bare")
+    keras_optimizer = _make_keras_optimizer(config.optimizer, schedule, name="keras", fused=False)
     arms = [benchmark._EngineArm("engine", "synthetic", trainer, synthetic, k)]
-    for name, loop in bare_loops(trainer.model, trainer.loss_fn, optimizer).items():
+    for name, loop in bare_loops(trainer.model, trainer.loss_fn, optimizer, keras_optimizer).items():
         arms.append(benchmark._EngineArm(name, "synthetic", types.SimpleNamespace(train_loop=loop),
                                          synthetic, k))
     arms.append(benchmark._FitArm(trainer, synthetic, k))

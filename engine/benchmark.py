@@ -10,7 +10,9 @@ input (the trainer's own training pipeline, repeated so it never runs dry).
 synthetic arm ("engine/synthetic", the reference) in the same process:
 
   keras_fit  Keras `model.fit` on the same model and synthetic data
-             (steps_per_execution 1 and K = steps_per_loop): engine / fit
+             (steps_per_execution 1 and K = steps_per_loop): engine / fit;
+             with Keras' own optimizer class (what a fit user has), not
+             the engine's fused-kernel subclass (engine/optimizer.py)
   ema        a second Trainer, identical but with EMA on (decay 0.999) if
              the run has it off, else off: EMA on / off
   frozen     a second Trainer entered in the other phase: frozen / unfrozen
@@ -245,7 +247,8 @@ class _FitArm(_Arm):
                                      name=f"keras_fit_spe{steps_per_execution}")
             schedule = make_schedule(c.optimizer, trainer.steps_per_epoch, c.train.epochs)
             self.optimizer = _make_keras_optimizer(c.optimizer, schedule,
-                                                   name=f"fit_spe{steps_per_execution}")
+                                                   name=f"fit_spe{steps_per_execution}",
+                                                   fused=False)
             self.model.compile(optimizer=self.optimizer, loss=_KerasLoss(trainer.loss_fn),
                                steps_per_execution=steps_per_execution,
                                jit_compile=bool(jit_compile))

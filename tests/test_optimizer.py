@@ -3,10 +3,12 @@ import math
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from engine.config import OptimizerConfig
-from engine.optimizer import make_param_groups, make_schedule
+from engine.optimizer import (FusedAdam, FusedAdamW, FusedSGD, _make_keras_optimizer,
+                              make_param_groups, make_schedule)
 
 
 def test_cosine_with_warmup_matches_hand_computation():
@@ -65,3 +67,46 @@ def test_slots_are_keyed_by_their_variable():
     groups, *_ = _groups(cfg)
     assert sorted(groups["backbone"].state()) == ["backbone/b/momentum", "backbone/b/velocity",
                                                   "iterations"]
+
+
+@pytest.mark.parametrize("name,extra", [("adam", {}), ("adamw", {}), ("adam", {"weight_decay": 0.01}),
+                                        ("sgd", {}), ("momentum", {"momentum": 0.9})])
+def test_fused_optimizers_give_keras_own_weights_and_slots(name, extra):
+    """Five steps of random gradients: the fused kernels' weights and slots equal Keras'."""
+    cfg = OptimizerConfig(name=name, learning_rate=0.01, schedule="constant", **extra)
+    rng = np.random.default_rng(0)
+    start = [rng.normal(size=s).astype(np.float32) for s in ([3, 4], [4], [2, 2, 3, 5])]
+    grads = [[tf.constant(rng.normal(size=w.shape).astype(np.float32)) for w in start]
+             for _ in range(5)]
+    results = []
+    for fused in (False, True):
+        weights = [keras.Variable(w) for w in start]
+        opt = _make_keras_optimizer(cfg, 0.01, name=f"opt_{fused}", fused=fused)
+        assert isinstance(opt, (FusedAdam, FusedAdamW, FusedSGD)) == fused
+        opt.build(weights)
+        step = tf.function(lambda g: opt.apply(g, weights))
+        for g in grads:
+            step(g)
+        results.append([w.numpy() for w in weights] + [v.numpy() for v in opt.variables])
+    assert len(results[0]) == len(results[1]) > len(start)
+    for keras_value, fused_value in zip(*results):
+        np.testing.assert_allclose(fused_value, keras_value, rtol=1e-5, atol=1e-6)  # rounding order
+
+
+def test_fused_adam_under_a_two_replica_mirrored_strategy_updates_both_copies_alike():
+    strategy = tf.distribute.MirroredStrategy(tf.config.list_logical_devices("CPU")[:2])
+    if strategy.num_replicas_in_sync < 2:
+        pytest.skip("needs two virtual CPUs")
+    with strategy.scope():
+        w = keras.Variable(np.ones([3], np.float32))
+        opt = _make_keras_optimizer(OptimizerConfig(name="adam", learning_rate=0.1), 0.1, "mirrored")
+        opt.build([w])
+
+    @tf.function
+    def step():
+        strategy.run(lambda: opt.apply([tf.constant([1.0, -1.0, 0.0])], [w]))
+
+    step()
+    copies = [v.numpy() for v in strategy.experimental_local_results(w.value)]
+    np.testing.assert_allclose(copies[0], [0.9, 1.1, 1.0], rtol=1e-5)  # Adam's first step: -lr sign(g)
+    np.testing.assert_array_equal(copies[0], copies[1])
