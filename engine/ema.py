@@ -65,12 +65,20 @@ class EMA:
         return tf.minimum(self.decay, (1.0 + n) / (10.0 + n))
 
     def update(self) -> None:
-        """Cross-replica: shadow = d * shadow + (1 - d) * weight, on every device."""
-        d = self.current_decay()
+        """Cross-replica: shadow -= (1 - d)(shadow - weight), on every device.
+
+        As d * shadow + (1 - d) * weight, in two kernels instead of four
+        (the subtraction, then TF's fused var -= alpha * delta): EMA reads
+        and writes every weight each step, and on inceptionv3 (22M weights)
+        the four-pass form cost 10% of the step. A shadow equal to its weight
+        stays bit-equal.
+        """
+        alpha = 1.0 - self.current_decay()
 
         def blend(shadow, weight):
-            w = tf.cast(weight, shadow.dtype)
-            return shadow.assign(d * shadow + (1.0 - d) * w)
+            delta = shadow - tf.cast(weight, shadow.dtype)
+            return tf.raw_ops.ResourceApplyGradientDescent(
+                var=shadow.handle, alpha=tf.cast(alpha, shadow.dtype), delta=delta)
 
         for i in self._active:
             self.strategy.extended.update(self.shadows[i], blend, args=(self.weights[i],),
