@@ -60,6 +60,9 @@ flags.DEFINE_string("work_dir", "/tmp/tapeworks_bench", "Model dirs of the runs 
 flags.DEFINE_string("cache_dir", "", "Passed on as --cache_dir (empty: train_main's default).")
 flags.DEFINE_string("out", os.path.join(REPO, "benchmarks", "results.md"), "The markdown file.")
 flags.DEFINE_boolean("dry_run", False, "Print the commands, run nothing.")
+flags.DEFINE_list("include", [], "benchmark.jsonl files of earlier runs whose records join the "
+                  "table (e.g. one backbone re-run after a change: run it alone and include "
+                  "the others').")
 FLAGS = flags.FLAGS
 
 
@@ -90,6 +93,12 @@ def main(argv):
     window_s = FLAGS.window_s or (1.0 if FLAGS.quick else 2.0)
     root = os.path.join(FLAGS.work_dir, time.strftime("%Y%m%dT%H%M%S"))
     records, failures, durations = [], [], []
+    for path in FLAGS.include:
+        if not os.path.isfile(path):
+            print(f"error: --include: {path} not found", file=sys.stderr)
+            return 2
+        with open(path) as f:
+            records += [json.loads(line) for line in f if line.strip()]
     started = time.time()
     runs = standard_runs(FLAGS.backbones, compare=FLAGS.compare,
                          steps_per_loop=FLAGS.steps_per_loop,
@@ -141,7 +150,8 @@ def main(argv):
         f"({'; '.join(durations)}): one `train_main.py --mode=benchmark` process per backbone, "
         f"global batch {FLAGS.batch_size or 'per backbone (inceptionv3 16, others 32)'}, "
         f"K={FLAGS.steps_per_loop}, "
-        f"--benchmark_compare={','.join(FLAGS.compare)}. Records: {root}/*/benchmark.jsonl.",
+        f"--benchmark_compare={','.join(FLAGS.compare)}. Records: {root}/*/benchmark.jsonl"
+        + (f" and, from earlier runs, {', '.join(FLAGS.include)}" if FLAGS.include else "") + ".",
         "",
         markdown_table(records),
     ]

@@ -253,6 +253,14 @@ def test_standard_set_dry_run_lists_one_process_per_backbone():
     assert not os.path.exists("/nonexistent")
 
 
+def test_standard_set_include_of_a_missing_records_file_is_a_one_line_error(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "run_standard.py"),
+                             "--dry_run", f"--include={tmp_path}/nope.jsonl"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == f"error: --include: {tmp_path}/nope.jsonl not found"
+
+
 def test_targets_apply_to_the_arms_the_tracker_names():
     assert target_for("engine_over_fit", "inceptionv3", "keras_fit/spe=1", 20) == 1.15
     assert target_for("engine_over_fit", "inceptionv3", "keras_fit/spe=20", 20) == 1.0
