@@ -465,7 +465,8 @@ def test_decoded_cache_gives_exactly_the_decoding_paths_batches(embedded_cache, 
 
 def test_decoded_cache_is_used_only_within_its_budget(embedded_cache):
     data = open_data(None, embedded_cache)
-    data.decoded_cache_bytes = data.num_train * 16 * 16 * 3 * 4  # exactly fits 16 px, not 24
+    assert data.decoded_example_bytes(16) == 16 * 16 * 3 * 4 + data.num_labels * 4
+    data.decoded_cache_bytes = data.num_train * data.decoded_example_bytes(16)  # fits 16 px, not 24
     data.train_dataset(epoch=0, global_batch=8, input_size=16, seed=0)
     data.train_dataset(epoch=0, global_batch=8, input_size=24, seed=0)
     assert list(data._decoded) == [16]

@@ -263,3 +263,12 @@ def test_decoded_cache_flips_image_and_mask_exactly_like_decoding(seg_data):
     for (xa, ma), (xb, mb) in zip(batches[False], batches[True]):
         np.testing.assert_array_equal(xa, xb)
         np.testing.assert_array_equal(ma, mb)
+
+
+def test_decoded_cache_budget_counts_the_masks_too(seg_data):
+    per_example = 32 * 32 * 3 * 4 + 32 * 32 * 4  # float32 image + int32 mask
+    assert seg_data.decoded_example_bytes(32) == per_example
+    seg_data._decoded = {}
+    seg_data.decoded_cache_bytes = seg_data.num_train * per_example - 1  # images alone would fit
+    next(iter(seg_data.train_dataset(epoch=0, global_batch=16, input_size=32, seed=0)))
+    assert not seg_data._decoded

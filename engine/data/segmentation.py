@@ -206,6 +206,10 @@ class _SegSource(DataSource):
     def _flip_batch(images, masks, flips):
         return flip_rows(images, flips), flip_rows(masks, flips)
 
+    def decoded_example_bytes(self, input_size):
+        """Float32 pixels and the int32 mask (a third more than the image alone)."""
+        return input_size * input_size * (3 * 4 + 4)
+
     @property
     def majority_class(self):
         return int(np.argmax(self.label_prevalence))

@@ -233,7 +233,11 @@ class DataSource:
         return self._val[key]
 
     def _fits(self, count, input_size):
-        return count * input_size * input_size * 3 * 4 <= self.decoded_cache_bytes
+        return count * self.decoded_example_bytes(input_size) <= self.decoded_cache_bytes
+
+    def decoded_example_bytes(self, input_size):
+        """Host bytes of one decoded example: float32 pixels and float32 label vector."""
+        return input_size * input_size * 3 * 4 + self.num_labels * 4
 
     def _decoded_train(self, input_size):
         """(images, targets) host tensors of the whole decoded train split, or None.
