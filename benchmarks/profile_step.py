@@ -100,10 +100,7 @@ def main(argv):
     arms.append(benchmark._FitArm(trainer, synthetic, k))
     for arm in arms:
         arm.warm_up(FLAGS.window_s)
-    for r in range(FLAGS.windows):
-        shift = r % len(arms)
-        for arm in arms[shift:] + arms[:shift]:
-            arm.measure(FLAGS.window_s)
+    benchmark.alternate(arms, FLAGS.windows, FLAGS.window_s)
     bare = arms[1]
     print(f"{FLAGS.backbone} {FLAGS.input_size}x{FLAGS.input_size} batch {FLAGS.batch_size}, "
           f"K={k}, {FLAGS.windows} alternated windows of >= {FLAGS.window_s} s")

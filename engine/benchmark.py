@@ -271,6 +271,16 @@ class _FitArm(_Arm):
         return timer.steps, timer.end - timer.start
 
 
+def alternate(arms: Sequence[_Arm], windows: int, window_s: float, after_round=None) -> None:
+    """Times `windows` rounds; round r measures every arm once, the order rotated by r."""
+    for r in range(windows):
+        shift = r % len(arms)
+        for arm in list(arms[shift:]) + list(arms[:shift]):
+            arm.measure(window_s)
+        if after_round is not None:
+            after_round()
+
+
 @contextlib.contextmanager
 def _trainer_strategy(strategy):
     """Trainers built inside use `strategy` instead of one made from the config.
@@ -538,13 +548,10 @@ def _run(config: Config) -> List[Dict[str, object]]:
                 "--jit_compile: the engine's traced loop holds no XLA-compiled function; "
                 "nothing was timed")
     traces_before = {id(t): _trace_count(t) for t in trainers}
-    for r in range(b.windows):
-        shift = r % len(arms)
-        for arm in arms[shift:] + arms[:shift]:
-            arm.measure(b.window_s)
-        # A peak sample per round (~0.4 s): the best one is the machine's
-        # least disturbed moment, as the windows' are.
-        peaks.append(matmul_peak_flops(compute_dtype))
+    # A peak sample per round (~0.4 s): the best one is the machine's least
+    # disturbed moment, as the windows' are.
+    alternate(arms, b.windows, b.window_s,
+              after_round=lambda: peaks.append(matmul_peak_flops(compute_dtype)))
     retraced = {id(t): _trace_count(t) - traces_before[id(t)] for t in trainers}
     peak = max(peaks)
     float32_peak = peak if compute_dtype == "float32" else matmul_peak_flops("float32")

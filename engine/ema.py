@@ -69,9 +69,10 @@ class EMA:
 
         As d * shadow + (1 - d) * weight, in two kernels instead of four
         (the subtraction, then TF's fused var -= alpha * delta): EMA reads
-        and writes every weight each step, and on inceptionv3 (22M weights)
-        the four-pass form cost 10% of the step. A shadow equal to its weight
-        stays bit-equal.
+        and writes every weight each step (on inceptionv3, 22M weights, EMA
+        on / off measured 0.90 with the four-kernel form, 0.94 with this one,
+        both within noisy ranges). A shadow equal to its weight stays
+        bit-equal.
         """
         alpha = 1.0 - self.current_decay()
 
