@@ -102,12 +102,13 @@ def make_train_loop(*, model, loss_fn: Callable, groups: Dict[str, ParamGroup],
     """
     names = [n for n in groups if phase_variables.get(n)]
     variables = [v for n in names for v in phase_variables[n]]
-    bounds, start = {}, 0
-    for n in names:
-        bounds[n] = (start, start + len(phase_variables[n]))
-        start += len(phase_variables[n])
     # The tape wants tf.Variables; Keras 3 variables wrap one in `.value`.
     watched = [v.value if not isinstance(v, tf.Variable) else v for v in variables]
+    # Which variables got a gradient is known when the step is traced (None
+    # is a graph-structure fact); replica_forward records it here, and those
+    # without one are left out of the all-reduce and the apply, as Keras does:
+    # a zero gradient would still move them through momentum or weight decay.
+    has_grad: List[bool] = []
     if guard is None:
         with strategy.scope():
             guard = StepGuard()
@@ -130,7 +131,8 @@ def make_train_loop(*, model, loss_fn: Callable, groups: Dict[str, ParamGroup],
                 loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
             scaled = loss * loss_scale.scale if loss_scale is not None else loss
         grads = tape.gradient(scaled, watched)
-        grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables)]
+        has_grad[:] = [g is not None for g in grads]
+        grads = [g for g in grads if g is not None]
         # A finite loss can come with an overflowed BN batch variance: what the
         # forward pass wrote must be finite too. Each replica judges its own
         # statistics; the sum below makes every replica agree. (One sum per
@@ -150,7 +152,7 @@ def make_train_loop(*, model, loss_fn: Callable, groups: Dict[str, ParamGroup],
             grads = [g / loss_scale.scale for g in grads]
         # The global norm is finite exactly when every gradient is (or it
         # overflows float32, above ~1.8e19, a step also worth skipping).
-        norm = tf.linalg.global_norm(grads)
+        norm = tf.linalg.global_norm(grads) if grads else tf.constant(0.0)
         ok = tf.math.is_finite(loss) & tf.equal(stats_bad, 0.0) & tf.math.is_finite(norm)
         if written:
             def put_back():
@@ -164,12 +166,18 @@ def make_train_loop(*, model, loss_fn: Callable, groups: Dict[str, ParamGroup],
     if jit_compile:
         replica_forward = tf.function(replica_forward, jit_compile=True)
 
+    def with_grads():
+        """The phase's variables that got a gradient, in the order of the gradients."""
+        return [v for v, has in zip(variables, has_grad) if has]
+
     def replica_apply(grads, norm):
         grads = clip_gradients(grads, clipvalue=clipvalue, clipnorm=clipnorm,
                                global_clipnorm=global_clipnorm, norm=norm)
+        applied = with_grads()
         for n in names:
-            lo, hi = bounds[n]
-            groups[n].apply(grads[lo:hi], variables[lo:hi])
+            members = {id(v) for v in phase_variables[n]}
+            pairs = [(g, v) for g, v in zip(grads, applied) if id(v) in members]
+            groups[n].apply([g for g, _ in pairs], [v for _, v in pairs])
 
     def apply(grads, norm):
         strategy.run(replica_apply, args=(grads, norm))
@@ -205,7 +213,7 @@ def make_train_loop(*, model, loss_fn: Callable, groups: Dict[str, ParamGroup],
                 logits = first(out[4])[0] if want_logits else None
                 summaries.write(
                     step=global_step + 1, loss=loss, norm=norm,
-                    grads=[first(g)[0] for g in grads], variables=variables,
+                    grads=[first(g)[0] for g in grads], variables=with_grads(),
                     learning_rates=learning_rates, bad_steps=guard.bad_steps,
                     images=images, labels=labels, logits=logits)
             global_step.assign_add(1)

@@ -1,5 +1,6 @@
 """The traced train step: a hand-computed SGD update, K steps per call, one trace."""
 import numpy as np
+import pytest
 import keras
 import tensorflow as tf
 
@@ -122,3 +123,37 @@ def test_xla_compiled_loop_gives_the_same_weights():
         assert holds_xla_function(concrete) == jit  # the traced loop really holds XLA, or not
     for a, b_ in zip(*weights):
         np.testing.assert_allclose(a, b_, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["adam", "momentum", "adamw"])
+def test_a_variable_without_a_gradient_is_left_out_of_the_update(name):
+    """A None gradient is not a zero gradient: weight decay and slots must not move it."""
+    w = np.array([[0.5], [-1.0], [2.0]], np.float32)
+    b = np.array([0.25], np.float32)
+    cfg = OptimizerConfig(name=name, learning_rate=0.1, schedule="constant", weight_decay=0.1)
+    x, y, ds = _data()
+
+    def run(with_unused):
+        model = _dense_model(w, b)
+        keys = model_variable_keys(model)
+        unused = tf.Variable(np.ones([2], np.float32), name="unused")
+        keys[id(unused)] = "unused"
+        trained = model.trainable_variables + ([unused] if with_unused else [])
+        step = tf.Variable(0, dtype=tf.int64)
+        groups = make_param_groups(cfg, {"head": trained}, keys, make_schedule(cfg, 10, 1), step,
+                                   tf.Variable(1.0))
+        loop, _ = make_train_loop(model=model, loss_fn=_mse, groups=groups,
+                                  phase_variables={"head": trained},
+                                  strategy=tf.distribute.get_strategy(), global_batch=4,
+                                  local_replicas=1, global_step=step)
+        loop(iter(ds), tf.constant(3))
+        return model, unused, groups["head"]
+
+    model, unused, group = run(with_unused=True)
+    np.testing.assert_array_equal(unused.numpy(), np.ones([2], np.float32))
+    for key, slot in group.slots.items():
+        if key.startswith("unused/"):
+            np.testing.assert_array_equal(slot.numpy(), 0.0)
+    reference, _, _ = run(with_unused=False)
+    for a, r in zip(model.trainable_variables, reference.trainable_variables):
+        np.testing.assert_array_equal(a.numpy(), r.numpy())
