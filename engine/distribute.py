@@ -109,3 +109,19 @@ def worker_info(strategy):
     is_chief = task_type == "chief" or (task_type == "worker" and task_id == 0
                                         and "chief" not in resolver.cluster_spec().as_dict())
     return workers, index, is_chief
+
+
+def check_global_batch(batch_size: int, strategy) -> None:
+    """Raises ConfigError unless --batch_size splits evenly over the replicas.
+
+    Each replica takes batch_size / replicas examples while the loss divides
+    by batch_size, so a remainder would be dropped from every step without a
+    word (3 replicas of a 16 batch train on 15). Refusing is clearer than
+    uneven slices, which would also give replicas different shapes to trace.
+    """
+    replicas = strategy.num_replicas_in_sync
+    if batch_size % replicas:
+        low = batch_size // replicas * replicas
+        raise ConfigError(
+            f"--batch_size={batch_size} does not split evenly over {replicas} replicas; "
+            f"use a multiple of {replicas} (e.g. {max(low, replicas)} or {low + replicas})")

@@ -59,6 +59,7 @@ class Trainer:
         self.strategy = distribute.make_strategy(c.train.strategy, c.train.num_virtual_cpus)
         self.num_workers, self.worker_index, self.is_chief = distribute.worker_info(self.strategy)
         self.local_replicas = distribute.local_replica_count(self.strategy)
+        distribute.check_global_batch(c.train.batch_size, self.strategy)
         if c.train.jit_compile and self.strategy.num_replicas_in_sync > 1:
             raise ConfigError(f"--jit_compile works with one replica only; --strategy="
                               f"{c.train.strategy} runs {self.strategy.num_replicas_in_sync}")

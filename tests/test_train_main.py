@@ -34,6 +34,8 @@ def test_train_then_resume_from_the_same_model_dir(tmp_path, embedded_cache):
     (["--backbone=inceptionv3", "--input_size=40"], "error: --input_size=40 is below inceptionv3's minimum of 75"),
     (["--data_dir=/nonexistent/data"], "error: --data_dir=/nonexistent/data does not exist"),
     (["--mode=serve"], "error: --mode=serve is not one of"),
+    (["--strategy=mirrored", "--num_virtual_cpus=3", "--batch_size=16"],
+     "error: --batch_size=16 does not split evenly over 3 replicas"),
 ])
 def test_user_errors_are_one_line_with_a_nonzero_exit(tmp_path, embedded_cache, args, message):
     result = _run(f"--model_dir={tmp_path}/run", f"--cache_dir={embedded_cache}", *args)
