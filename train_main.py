@@ -31,9 +31,12 @@ def _user_errors():
 
 
 def _write_effective_flags(model_dir: str) -> None:
+    """flags.txt, written atomically once the run is known to be valid (Trainer.train's `started`)."""
     os.makedirs(model_dir, exist_ok=True)
-    with open(os.path.join(model_dir, "flags.txt"), "w") as f:
+    path = os.path.join(model_dir, "flags.txt")
+    with open(path + ".tmp", "w") as f:
         f.write(engine_flags.effective_flags())
+    os.replace(path + ".tmp", path)
 
 
 def main(argv):
@@ -54,8 +57,8 @@ def main(argv):
             raise ConfigError(f"--mode={FLAGS.mode} is not one of train, eval, benchmark, export")
         from engine.trainer import Trainer
         if FLAGS.mode == "train":
-            _write_effective_flags(os.path.expanduser(config.train.model_dir))
-            Trainer(config).train()
+            model_dir = os.path.expanduser(config.train.model_dir)
+            Trainer(config).train(started=lambda: _write_effective_flags(model_dir))
         elif FLAGS.mode == "eval":
             trainer = Trainer(config)
             print(trainer.restore())

@@ -26,6 +26,9 @@ MIXED_PRECISIONS = ("float32", "bfloat16", "float16")
 # cannot go below 75.
 DEFAULT_INPUT_SIZE = {"inceptionv3": 75, "resnet50": 64, "mobilenetv2": 64,
                       "efficientnetb0": 64, "tiny_cnn": 32}
+# --allow_changed: settings whose change on resume changes what the saved
+# state means (engine/manifest.py says what opting in does for each).
+ALLOWABLE_CHANGES = ("optimizer", "labels", "task", "input_size", "batch_size")
 _UNFREEZE_LAYERS = re.compile(r"^(all|blocks:[1-9][0-9]*|regex:.+)$")
 
 
@@ -124,6 +127,9 @@ class TrainConfig:
     init_include: Tuple[str, ...] = ()
     init_exclude: Tuple[str, ...] = ()
     allow_partial_restore: bool = False
+    # Flags whose change on resume is accepted although it changes what the
+    # saved state means (engine/manifest.py STATE); that state starts fresh.
+    allow_changed: Tuple[str, ...] = ()
     ema_decay: float = 0.0  # 0: off
     ema_warmup: bool = True
     eval_with_ema: bool = True
@@ -254,6 +260,10 @@ class Config:
                 re.compile(f.unfreeze_layers[len("regex:"):])
             except re.error as e:
                 raise ConfigError(f"--unfreeze_layers: bad pattern ({e})") from None
+        for name in t.allow_changed:
+            if name not in ALLOWABLE_CHANGES:
+                raise ConfigError(f"--allow_changed={','.join(t.allow_changed)}: {name} is not "
+                                  f"one of {', '.join(ALLOWABLE_CHANGES)}")
         b = self.benchmark
         _one_of("benchmark_input", b.input, BENCHMARK_INPUTS)
         compares = b.compares()

@@ -53,10 +53,19 @@ class EMA:
                 if i not in previous:
                     self.shadows[i].assign(self.weights[i])
 
-    def reset(self) -> None:
-        """Every shadow := its weight (after a warm start replaced the weights)."""
-        for w, s in zip(self.weights, self.shadows):
-            s.assign(w)
+    def reset(self, only_keys=None) -> None:
+        """Shadows := their weights, and the warmup count starts again.
+
+        After anything that sets weights without training them (the prior
+        bias, a warm start, a resume whose checkpoint had no shadows), so an
+        average never starts from values the model did not have. only_keys:
+        the model keys to reset (default: all).
+        """
+        for key, w, s in zip(self._keys, self.weights, self.shadows):
+            if only_keys is None or key in only_keys:
+                s.assign(w)
+        if only_keys is None or "_num_updates" in only_keys:
+            self.num_updates.assign(0)
 
     def current_decay(self):
         if not self.warmup:

@@ -76,6 +76,7 @@ flags.DEFINE_string("init_checkpoint", "", "Warm start from a tapeworks checkpoi
 flags.DEFINE_list("init_include", [], "Key patterns (fnmatch) restored by --init_checkpoint.")
 flags.DEFINE_list("init_exclude", [], "Key patterns (fnmatch) not restored by --init_checkpoint.")
 flags.DEFINE_boolean("allow_partial_restore", _d.train.allow_partial_restore, "Resume even when model tensors are missing.")
+flags.DEFINE_list("allow_changed", [], "On resume, accept a change of these settings although it changes what the saved state means (optimizer, labels, task, input_size, batch_size); the state it affects starts fresh and the log says so. Never saved in flags.txt.")
 flags.DEFINE_float("ema_decay", _d.train.ema_decay, "EMA decay of the weights (0: off).")
 flags.DEFINE_boolean("ema_warmup", _d.train.ema_warmup, "Decay grows as min(decay, (1+n)/(10+n)).")
 flags.DEFINE_boolean("eval_with_ema", _d.train.eval_with_ema, "Also evaluate the EMA weights.")
@@ -158,7 +159,8 @@ def config_from_flags(f=flags.FLAGS) -> Config:
             best_mode=f.best_mode, strategy=f.strategy, num_virtual_cpus=f.num_virtual_cpus,
             progress=f.progress, init_checkpoint=f.init_checkpoint or None,
             init_include=tuple(f.init_include), init_exclude=tuple(f.init_exclude),
-            allow_partial_restore=f.allow_partial_restore, ema_decay=f.ema_decay,
+            allow_partial_restore=f.allow_partial_restore,
+            allow_changed=tuple(f.allow_changed), ema_decay=f.ema_decay,
             ema_warmup=f.ema_warmup, eval_with_ema=f.eval_with_ema, export_raw=f.export_raw,
             mixed_precision=f.mixed_precision, jit_compile=f.jit_compile,
             max_bad_steps=f.max_bad_steps, max_rollbacks=f.max_rollbacks,
@@ -171,7 +173,15 @@ def config_from_flags(f=flags.FLAGS) -> Config:
     ).validated()
 
 
+# Flags that choose what to do with a run rather than describe it. flags.txt
+# leaves them out: absl lets the later of two values win, and a flagfile's
+# --mode=train would otherwise override the --mode=eval typed before
+# --flagfile (and a saved --overwrite would wipe the run on the next use).
+NOT_SAVED = ("mode", "overwrite", "allow_changed", "export_from", "export_raw",
+             "benchmark_window_s", "benchmark_windows", "benchmark_input", "benchmark_compare")
+
+
 def effective_flags(f=flags.FLAGS) -> str:
-    """This module's flags as a flagfile: `--flagfile=<it>` repeats the run."""
+    """This module's flags as a flagfile: `--flagfile=<it>` repeats the run (in any --mode)."""
     return "\n".join(flag.serialize() for flag in f.get_flags_for_module(__name__)
-                     if flag.name not in _ALIASES) + "\n"
+                     if flag.name not in _ALIASES and flag.name not in NOT_SAVED) + "\n"

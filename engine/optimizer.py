@@ -154,13 +154,19 @@ def _make_keras_optimizer(cfg: OptimizerConfig, learning_rate: Callable, name: s
 class ParamGroup:
     """One Keras optimizer over the variables a group may ever train.
 
-    slots maps (variable key, slot name) -> slot variable, recorded by a hook on
-    `add_variable_from_reference`, the one method every built-in Keras
-    optimizer uses to create per-variable state.
+    slots maps "<kind>/<variable key>/<slot name>" -> slot variable, recorded
+    by a hook on `add_variable_from_reference`, the one method every built-in
+    Keras optimizer uses to create per-variable state. The kind (adam,
+    momentum, ...) is part of every key, iterations included: Adam's first
+    moment and SGD's momentum buffer are both named "momentum" by Keras, and
+    without the kind a resume with another --optimizer would read one into
+    the other.
     """
 
-    def __init__(self, name: str, optimizer, variables: Sequence, keys: Dict[int, str]):
+    def __init__(self, name: str, optimizer, variables: Sequence, keys: Dict[int, str],
+                 kind: str):
         self.name = name
+        self.kind = kind
         self.optimizer = optimizer
         self.variables = list(variables)
         self.slots: Dict[str, object] = {}
@@ -174,7 +180,7 @@ class ParamGroup:
 
         def add_variable_from_reference(reference_variable, name=None, initializer="zeros"):
             slot = original(reference_variable, name=name, initializer=initializer)
-            self.slots[f"{keys[id(reference_variable)]}/{name or 'var'}"] = slot
+            self.slots[f"{self.kind}/{keys[id(reference_variable)]}/{name or 'var'}"] = slot
             return slot
 
         self.optimizer.add_variable_from_reference = add_variable_from_reference
@@ -187,7 +193,7 @@ class ParamGroup:
 
     def state(self) -> Dict[str, object]:
         """Key -> variable for the checkpoint: slots by their variable's key."""
-        return {"iterations": self.optimizer.iterations, **self.slots}
+        return {f"{self.kind}/iterations": self.optimizer.iterations, **self.slots}
 
     def apply(self, grads: List[tf.Tensor], variables: List) -> None:
         if variables:
@@ -208,7 +214,7 @@ def make_param_groups(cfg: OptimizerConfig, groups: Dict[str, Sequence], keys: D
             return schedule(global_step) * lr_scale * multiplier
 
         opt = _make_keras_optimizer(cfg, learning_rate, name=f"{name}_optimizer")
-        out[name] = ParamGroup(name, opt, variables, keys)
+        out[name] = ParamGroup(name, opt, variables, keys, kind=cfg.name)
     return out
 
 

@@ -5,7 +5,7 @@ Keras 3 that keys state by position (`model/_operations/1/_kernel`,
 `optimizer/_variables/2`), so a checkpoint written while the backbone was
 frozen restores into an unfrozen model with a shape error or, worse, into the
 wrong layer. Here every variable gets a key from the layer nesting
-(`model/backbone/conv2d/kernel`, `optimizer/head/head/logits/kernel/momentum`),
+(`model/backbone/conv2d/kernel`, `optimizer/head/adam/head/logits/kernel/momentum`),
 the checkpoint is written as nested dicts of those keys (so
 `tf.train.list_variables` shows them), and restore reads tensors by key and
 reports what matched, what was missing, what was unused and what had the
@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import os
-from typing import Dict, Iterable, List, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -120,34 +120,40 @@ class TrainingState:
         return tf.train.Checkpoint(**tree)
 
     def restore(self, path: str, *, include: Sequence[str] = (),
-                exclude: Sequence[str] = (), only_prefixes: Sequence[str] = ()) -> RestoreReport:
+                exclude: Sequence[str] = (), only_prefixes: Sequence[str] = (),
+                fallbacks: Optional[Dict[str, str]] = None) -> RestoreReport:
         """Assigns every state variable whose key is in the checkpoint at path.
 
         include/exclude are fnmatch patterns on the full keys (for example
         `model/backbone/*`); only_prefixes limits which groups take part at
-        all (a warm start restores only `model/`).
+        all (a warm start restores only `model/`). fallbacks: key -> the key
+        to read instead when the file lacks the key itself (a checkpoint
+        written under an older naming).
         """
         reader = _reader(path)
         shapes = reader.get_variable_to_shape_map()
         in_file = {k[:-len(_SUFFIX)]: k for k in shapes if k.endswith(_SUFFIX)}
+        fallbacks = fallbacks or {}
         report = RestoreReport(path=path)
+        read_keys = set()
         for key, var in self._vars.items():
             if only_prefixes and not key.startswith(tuple(only_prefixes)):
                 continue
             if not _selected(key, include, exclude):
                 report.excluded.append(key)
                 continue
-            file_key = in_file.get(key)
+            file_key = in_file.get(key) or in_file.get(fallbacks.get(key, ""))
             if file_key is None:
                 report.missing.append(key)
                 continue
+            read_keys.add(file_key[:-len(_SUFFIX)])
             if tuple(shapes[file_key]) != tuple(var.shape):
                 report.shape_mismatch.append(
                     f"{key} {tuple(shapes[file_key])}->{tuple(var.shape)}")
                 continue
             var.assign(reader.get_tensor(file_key).astype(tf.as_dtype(var.dtype).as_numpy_dtype))
             report.matched.append(key)
-        used = set(self._vars)
+        used = set(self._vars) | read_keys
         report.unused = sorted(k for k in in_file if k not in used and k != "save_counter"
                                and (not only_prefixes or k.startswith(tuple(only_prefixes))))
         return report

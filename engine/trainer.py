@@ -22,17 +22,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fnmatch
 import json
 import os
 import shutil
 import time
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from engine import distribute, freeze, precision
+from engine import distribute, freeze, manifest, precision
 from engine.callbacks import EpochCallbacks
 from engine.health import StepGuard, StepSummaries, TrainingDiverged, diagnose, first_non_finite, \
     make_state_check
@@ -150,6 +151,9 @@ class Trainer:
             multiclass=c.model.task == "multiclass")
         self.stop_signals = StopSignals()
         self._stop_vote = None  # several workers: the traced all-reduce that makes them agree
+        self.settings = manifest.describe(
+            c, label_names=getattr(self.data, "label_names", ()),
+            replicas=self.strategy.num_replicas_in_sync, workers=self.num_workers)
         self.evaluation = Evaluation(
             model=self.model, loss_fn=self.loss_fn, strategy=self.strategy,
             local_replicas=self.local_replicas, data=self.data, input_size=c.model.input_size,
@@ -184,24 +188,91 @@ class Trainer:
             if not checkpoint_is_readable(path):
                 skipped.append(path)
                 continue
-            report = self.state.restore(path)
-            lost = [k for k in report.missing + report.shape_mismatch if k.startswith("model/")]
+            notes, fresh, fallbacks = self._check_settings()
+            report = self.state.restore(path, exclude=fresh, fallbacks=fallbacks)
+            lost = [k for k in report.missing + report.shape_mismatch
+                    if k.startswith("model/") and not _selected_by(k, fresh)]
             if lost and not c.train.allow_partial_restore:
                 raise StateError(
                     f"checkpoint {path} does not fit this model ({len(lost)} model tensors "
                     f"missing or of another shape, e.g. {lost[0]}); use another --model_dir "
                     f"or pass --allow_partial_restore")
+            notes += self._start_unrestored_state(report, fresh)
             note = "".join(f"WARNING: checkpoint {p} is unreadable (cut short?); skipped. "
                            for p in skipped)
-            return note + "resumed: " + report.summary()
+            return "\n".join(notes + [note + "resumed: " + report.summary()])
         if skipped:
             raise StateError(f"no readable checkpoint in {self.model_dir}/checkpoints "
                              f"({len(skipped)} unreadable)")
         self._init_head_bias_to_prior()
+        if self.ema is not None:
+            self.ema.reset()  # the shadows start from the weights the run starts from
         if c.train.init_checkpoint:
             report = self._warm_start(c.train.init_checkpoint)
             return "warm start: " + report
         return "fresh start"
+
+    def _check_settings(self):
+        """Compares this resume's settings with the model_dir's manifest.
+
+        Returns (lines for the log, key patterns of state that must start
+        fresh because the user allowed a change of its meaning, fallback keys
+        for a checkpoint of an older naming). Raises ConfigError for a change
+        that is not allowed.
+        """
+        saved = manifest.read(self.model_dir)
+        if saved is None:
+            return self._legacy_settings()
+        lines, allowed = manifest.check(saved, self.settings,
+                                        allow_changed=self.config.train.allow_changed,
+                                        model_dir=self.model_dir)
+        fresh = []
+        if "optimizer" in allowed:
+            fresh.append("optimizer/*")
+        if "labels" in allowed or "task" in allowed:
+            fresh += ["model/head/logits/*", "ema/head/logits/*", "optimizer/*/head/logits/*"]
+        return lines, fresh, {}
+
+    def _legacy_settings(self):
+        """A model_dir from before manifest.json: slot keys had no optimizer kind.
+
+        Its flags.txt says which optimizer wrote the slots; only when that is
+        the one requested are they read (under their old keys).
+        """
+        lines = [f"note: {self.model_dir} has no {manifest.FILENAME} (an older tapeworks); "
+                 f"settings cannot be compared with the saved run"]
+        old = _flag_in_flagfile(os.path.join(self.model_dir, "flags.txt"), "optimizer")
+        kind = self.config.optimizer.name
+        if old != kind:
+            lines.append(f"optimizer slots start fresh: the checkpoints do not say their "
+                         f"optimizer was --optimizer={kind}")
+            return lines, [], {}
+        fallbacks = {}
+        for name, group in self.groups.items():
+            prefix = f"optimizer/{name}/"
+            for key in group.state():
+                fallbacks[prefix + key] = prefix + key[len(kind) + 1:]
+        return lines, [], fallbacks
+
+    def _start_unrestored_state(self, report, fresh) -> list:
+        """EMA shadows the checkpoint did not have start from the restored weights.
+
+        A shadow keeps its construction value otherwise (EMA turned on for a
+        resumed run, or a head that starts fresh): an average of weights the
+        run never had.
+        """
+        lines = []
+        if fresh and any(k.startswith("model/head/logits/") for k in fresh):
+            self._init_head_bias_to_prior()
+            lines.append("the head's logits layer starts fresh (--allow_changed)")
+        if self.ema is not None:
+            missing = {k[len("ema/"):] for k in report.missing + report.excluded
+                       if k.startswith("ema/")}
+            if missing:
+                self.ema.reset(only_keys=missing)
+                lines.append(f"EMA: {len(missing)} shadows were not in the checkpoint; they "
+                             f"start from the restored weights")
+        return lines
 
     def _init_head_bias_to_prior(self) -> None:
         """Starts each label's logit at its training prevalence.
@@ -236,11 +307,22 @@ class Trainer:
         return summary
 
     # ----------------------------------------------------------------- train
-    def train(self) -> Dict[str, float]:
+    def train(self, started: Optional[Callable[[], None]] = None) -> Dict[str, float]:
+        """Restores, then trains to --epochs; returns the last epoch's numbers.
+
+        started: called once the run is known to be valid (config checked,
+        model built, checkpoint restored and its settings compared), before
+        the run writes anything of its own; train_main writes flags.txt there,
+        so a failed command never replaces the flags of the run in model_dir.
+        """
         c = self.config
         os.makedirs(self.model_dir, exist_ok=True)
         self._remove_partial_saves()
         self.log.line(self.restore())
+        if self.is_chief:
+            manifest.write(self.model_dir, self.settings)
+        if started is not None:
+            started()
         self.evaluation.check_model()  # warnings go to the log through its report callback
         self.log.line(f"data: {self.data.description}; {self.steps_per_epoch} steps/epoch "
                       f"of {c.train.batch_size}; replicas: {self.strategy.num_replicas_in_sync}")
@@ -549,6 +631,23 @@ class Trainer:
                             self.config.train.batch_size // self.num_workers, self.keys)
         except Exception as e:  # noqa: BLE001 - the diagnosis must not hide the real stop
             return f"the replay of the last bad batch failed ({type(e).__name__}: {e})"
+
+
+def _selected_by(key: str, patterns) -> bool:
+    return any(fnmatch.fnmatchcase(key, p) for p in patterns)
+
+
+def _flag_in_flagfile(path: str, name: str) -> Optional[str]:
+    """The value of --name in an absl flagfile, or None (no file, no such line)."""
+    try:
+        with open(path) as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith(f"--{name}="):
+            return line.split("=", 1)[1]
+    return None
 
 
 class _BadSteps(Exception):

@@ -66,5 +66,15 @@ def test_benchmark_aliases_set_the_benchmark_flags_and_stay_out_of_flags_txt(par
     c = parse("--mode=benchmark", "--compare=keras_fit", "--input=real")
     assert c.benchmark.compare == "keras_fit" and c.benchmark.input == "real"
     text = engine_flags.effective_flags(FLAGS)
-    assert "--benchmark_compare=keras_fit" in text and "--benchmark_input=real" in text
     assert "\n--compare=" not in text and "\n--input=" not in text
+    assert "--benchmark_" not in text  # action settings: a flagfile must not override them
+
+
+def test_flags_txt_never_fixes_the_mode_or_other_action_flags(parse):
+    """absl lets the later value win: a saved --mode=train would turn `--mode=eval --flagfile=`
+    into a training run."""
+    parse("--mode=eval", "--allow_changed=optimizer", "--export_raw")
+    text = engine_flags.effective_flags(FLAGS)
+    for name in ("mode", "allow_changed", "export_raw", "noexport_raw"):
+        assert f"--{name}=" not in text and f"--{name}\n" not in text
+    assert "--backbone=" in text

@@ -62,11 +62,14 @@ def test_adam_bias_correction_starts_when_a_group_first_trains():
     assert int(groups["backbone"].optimizer.iterations.numpy()) == 1
 
 
-def test_slots_are_keyed_by_their_variable():
-    cfg = OptimizerConfig(name="adam")
-    groups, *_ = _groups(cfg)
-    assert sorted(groups["backbone"].state()) == ["backbone/b/momentum", "backbone/b/velocity",
-                                                  "iterations"]
+def test_slots_are_keyed_by_the_optimizer_kind_and_their_variable():
+    """Adam's first moment and SGD's momentum buffer are both Keras "momentum": the kind tells."""
+    groups, *_ = _groups(OptimizerConfig(name="adam"))
+    assert sorted(groups["backbone"].state()) == [
+        "adam/backbone/b/momentum", "adam/backbone/b/velocity", "adam/iterations"]
+    groups, *_ = _groups(OptimizerConfig(name="momentum"))
+    assert sorted(groups["backbone"].state()) == ["momentum/backbone/b/momentum",
+                                                  "momentum/iterations"]
 
 
 @pytest.mark.parametrize("name,extra", [("adam", {}), ("adamw", {}), ("adam", {"weight_decay": 0.01}),

@@ -152,7 +152,7 @@ def test_a_variable_without_a_gradient_is_left_out_of_the_update(name):
     model, unused, group = run(with_unused=True)
     np.testing.assert_array_equal(unused.numpy(), np.ones([2], np.float32))
     for key, slot in group.slots.items():
-        if key.startswith("unused/"):
+        if key.startswith(f"{name}/unused/"):
             np.testing.assert_array_equal(slot.numpy(), 0.0)
     reference, _, _ = run(with_unused=False)
     for a, r in zip(model.trainable_variables, reference.trainable_variables):

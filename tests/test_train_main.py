@@ -52,3 +52,30 @@ def test_csv_naming_a_missing_image_is_a_one_line_error(tmp_path, embedded_cache
     result = _run(f"--model_dir={tmp_path}/run", f"--data_dir={data}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "train_0" in result.stderr.splitlines()[-1]
+
+
+def test_readme_flagfile_commands_evaluate_and_export_and_a_failed_run_keeps_flags_txt(
+        tmp_path, embedded_cache):
+    run = tmp_path / "run"
+    first = _run(f"--model_dir={run}", f"--cache_dir={embedded_cache}", "--backbone=tiny_cnn",
+                 "--batch_size=16", "--steps_per_epoch=2", "--epochs=1", "--progress=false")
+    assert first.returncode == 0, first.stderr
+    flags_txt = (run / "flags.txt").read_text()
+    assert "--mode=" not in flags_txt
+    checkpoints = sorted(os.listdir(run / "checkpoints"))
+    # The README's commands: the flagfile must not turn them back into training runs.
+    evaluated = _run("--mode=eval", f"--flagfile={run}/flags.txt")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "val_loss:" in evaluated.stdout and "epoch 1:" not in evaluated.stdout
+    assert sorted(os.listdir(run / "checkpoints")) == checkpoints
+    exported = _run(f"--flagfile={run}/flags.txt", "--mode=export")
+    assert exported.returncode == 0, exported.stderr
+    assert any(os.path.exists(os.path.join(d, "saved_model.pb"))
+               for d, _, _ in os.walk(run / "export"))
+    # A command that fails on this model_dir leaves its flags.txt alone.
+    failed = _run(f"--flagfile={run}/flags.txt", "--loss=foo", "--epochs=2")
+    assert failed.returncode == 2 and "--loss=foo" in failed.stderr.splitlines()[-1]
+    changed = _run(f"--flagfile={run}/flags.txt", "--optimizer=momentum", "--epochs=2")
+    assert changed.returncode == 2
+    assert "--allow_changed=optimizer" in changed.stderr.splitlines()[-1]
+    assert (run / "flags.txt").read_text() == flags_txt

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from engine import freeze
-from engine.config import Config, DataConfig, FreezeConfig, ModelConfig, OptimizerConfig, TrainConfig
+from engine.config import Config, ConfigError, DataConfig, FreezeConfig, ModelConfig, OptimizerConfig, TrainConfig
 from engine.data.tfrecord import write_tfrecords
 from engine.state import StateError
 from engine.trainer import Trainer
@@ -187,6 +187,10 @@ def test_head_change_warm_start_restores_backbone_and_reports_head(tmp_path, emb
 def test_resume_into_another_model_stops_with_a_clear_error(tmp_path, embedded_cache):
     Trainer(_config(tmp_path, embedded_cache, epochs=1)).train()
     cfg = _config(tmp_path, embedded_cache, epochs=2).replace(model={"backbone": "mobilenetv2"})
+    with pytest.raises(ConfigError, match="--backbone changed from tiny_cnn to mobilenetv2.*"
+                                          "use another --model_dir"):
+        Trainer(cfg).restore()
+    os.remove(tmp_path / "run" / "manifest.json")  # a run of an older tapeworks: the tensors tell
     with pytest.raises(StateError, match="does not fit this model.*--allow_partial_restore"):
         Trainer(cfg).restore()
 
@@ -215,3 +219,70 @@ def test_warm_start_from_a_keras_weights_file(tmp_path, embedded_cache):
     assert "warm start: loaded Keras weights" in second.restore()
     for a, b in zip(first.model.weights, second.model.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+def test_ema_shadows_start_from_the_weights_the_run_starts_from(tmp_path, embedded_cache, warmup):
+    """The prior head bias is set after the EMA is built: its shadow must start there too."""
+    cfg = _config(tmp_path, embedded_cache, epochs=1, steps_per_epoch=1, steps_per_loop=1,
+                  unfreeze_at=0, ema_decay=0.5, ema_warmup=warmup, summary_every=0)
+    trainer = Trainer(cfg)
+    trainer.restore()
+    bias = trainer.model.get_layer("head").get_layer("logits").bias
+    shadow = dict(zip(trainer.ema._keys, trainer.ema.shadows))["head/logits/bias"]
+    w0 = bias.numpy().copy()
+    assert np.abs(w0).max() > 0.5  # logit(prevalence): far from the zeros it was built with
+    np.testing.assert_array_equal(shadow.numpy(), w0)
+    trainer.train()  # one step; a fresh start again sets the same prior
+    d = min(0.5, 1 / 10) if warmup else 0.5
+    np.testing.assert_allclose(shadow.numpy(), d * w0 + (1 - d) * bias.numpy(), rtol=1e-6)
+
+
+def test_resume_with_changed_settings_says_what_changed_and_refuses_what_changes_meaning(
+        tmp_path, embedded_cache):
+    adam = OptimizerConfig(name="adam", learning_rate=0.01)
+    first = Trainer(_config(tmp_path, embedded_cache, epochs=1, optimizer=adam))
+    first.train()
+    saved = first.state.values()
+    momentum = OptimizerConfig(name="momentum", learning_rate=0.01)
+    with pytest.raises(ConfigError, match=r"--optimizer adam -> momentum.*--allow_changed=optimizer"):
+        Trainer(_config(tmp_path, embedded_cache, epochs=2, optimizer=momentum)).restore()
+    with pytest.raises(ConfigError, match=r"--input_size 32 -> 48"):
+        Trainer(_config(tmp_path, embedded_cache, epochs=2, optimizer=adam)
+                .replace(model={"input_size": 48})).restore()
+    # Allowed: momentum buffers start at zero (not Adam's moments), EMA shadows at the weights.
+    second = Trainer(_config(tmp_path, embedded_cache, epochs=2, optimizer=momentum, ema_decay=0.9,
+                             allow_changed=("optimizer",))
+                     .replace(freeze={"unfreeze_at": 1, "unfreeze_layers": "blocks:1"}))
+    line = second.restore()
+    assert "--optimizer: adam -> momentum (allowed: optimizer slots" in line
+    assert "--unfreeze_layers: all -> blocks:1" in line and "--ema_decay: 0.0 -> 0.9" in line
+    assert "EMA:" in line and "start from the restored weights" in line
+    for group in second.groups.values():
+        assert group.slots and all(not np.any(v.numpy()) for v in group.slots.values())
+    for key, shadow in zip(second.ema._keys, second.ema.shadows):
+        np.testing.assert_array_equal(shadow.numpy(), saved["model/" + key])
+
+
+def test_a_run_from_before_the_manifest_reads_its_slots_only_for_the_same_optimizer(
+        tmp_path, embedded_cache):
+    from engine.state import TrainingState, existing_checkpoints
+    first = Trainer(_config(tmp_path, embedded_cache, epochs=1))  # momentum
+    first.train()
+    saved = first.state.values()
+    os.remove(tmp_path / "run" / "manifest.json")
+    legacy = TrainingState()  # the old naming: optimizer/<group>/<variable key>/<slot>
+    for key, value in saved.items():
+        legacy.add(key.replace("/momentum/", "/", 1) if key.startswith("optimizer/") else key,
+                   tf.Variable(value))
+    legacy.checkpoint().write(existing_checkpoints(str(tmp_path / "run" / "checkpoints"))[0])
+    (tmp_path / "run" / "flags.txt").write_text("--optimizer=momentum\n")
+    again = Trainer(_config(tmp_path, embedded_cache, epochs=2))
+    line = again.restore()
+    assert "has no manifest.json" in line
+    for key, value in saved.items():
+        np.testing.assert_array_equal(again.state[key].numpy(), value)
+    (tmp_path / "run" / "flags.txt").write_text("--optimizer=adam\n")
+    other = Trainer(_config(tmp_path, embedded_cache, epochs=2))
+    assert "optimizer slots start fresh" in other.restore()
+    assert not any(np.any(v.numpy()) for v in other.groups["head"].slots.values())

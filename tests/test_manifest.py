@@ -1,0 +1,54 @@
+"""The run manifest: which changed settings are refused, allowed or only listed."""
+import json
+
+import pytest
+
+from engine import manifest
+from engine.config import Config, ConfigError
+
+
+def _settings(**changes):
+    out = manifest.describe(Config(), label_names=["a", "b"], replicas=1, workers=1)
+    out.update(changes)
+    return out
+
+
+def test_unchanged_settings_give_no_lines():
+    assert manifest.check(_settings(), _settings(), allow_changed=(), model_dir="m") == ([], [])
+
+
+def test_harmless_changes_are_listed_and_accepted():
+    lines, allowed = manifest.check(_settings(), _settings(epochs=20, learning_rate=0.1, seed=3),
+                                    allow_changed=(), model_dir="m")
+    assert allowed == []
+    assert lines[0] == "settings changed since m/manifest.json was written:"
+    assert "  --epochs: 10 -> 20 (the schedule's length changes with it)" in lines
+    assert "  --learning_rate: 0.001 -> 0.1" in lines
+    assert any(l.startswith("  --seed: 0 -> 3 (the rest of this epoch") for l in lines)
+
+
+@pytest.mark.parametrize("flag,old,new", [("optimizer", "adam", "sgd"),
+                                          ("labels", ["a", "b"], ["b", "a"]),
+                                          ("input_size", 32, 48), ("batch_size", 32, 16)])
+def test_changes_of_meaning_are_refused_unless_allowed(flag, old, new):
+    with pytest.raises(ConfigError, match=f"--{flag} .* -> .*--allow_changed={flag}"):
+        manifest.check(_settings(**{flag: old}), _settings(**{flag: new}), allow_changed=(),
+                       model_dir="m")
+    lines, allowed = manifest.check(_settings(**{flag: old}), _settings(**{flag: new}),
+                                    allow_changed=(flag,), model_dir="m")
+    assert allowed == [flag] and "(allowed: " in lines[1]
+
+
+def test_another_architecture_cannot_be_allowed():
+    with pytest.raises(ConfigError, match="--backbone changed from tiny_cnn to resnet50"):
+        manifest.check(_settings(), _settings(backbone="resnet50"), allow_changed=("optimizer",),
+                       model_dir="m")
+
+
+def test_write_then_read_round_trips_and_a_garbled_file_is_an_error_naming_it(tmp_path):
+    manifest.write(str(tmp_path), _settings())
+    assert manifest.read(str(tmp_path)) == json.loads(json.dumps(_settings()))
+    assert manifest.read(str(tmp_path / "none")) is None
+    (tmp_path / "manifest.json").write_text("{garbled")
+    with pytest.raises(ConfigError, match="manifest.json is unreadable"):
+        manifest.read(str(tmp_path))
