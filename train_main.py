@@ -25,9 +25,11 @@ def _user_errors():
     from engine.data import DataError
     from engine.health import TrainingDiverged  # ran out of rollbacks: a diagnosis, one line
     from engine.losses import LossError
+    from engine.metrics import NonFiniteOutputs  # --mode=eval of diverged weights
     from engine.state import StateError
     from models import ModelError
-    return (ConfigError, DataError, TrainingDiverged, LossError, StateError, ModelError)
+    return (ConfigError, DataError, TrainingDiverged, LossError, StateError, ModelError,
+            NonFiniteOutputs)
 
 
 def _write_effective_flags(model_dir: str) -> None:

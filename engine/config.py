@@ -7,6 +7,7 @@ TensorFlow work starts, with a message that names the flag a user typed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Optional, Tuple
 
@@ -141,6 +142,10 @@ class TrainConfig:
     max_bad_steps: int = 5
     max_rollbacks: int = 3
     bad_step_lr_factor: float = 0.5
+    # A finite but absurd loss is divergence too: a train call's mean loss or
+    # the val loss above this many times the prevalence baseline's val loss
+    # is handled like max_bad_steps (rollback, then a diagnosis; 0: off).
+    max_loss_ratio: float = 1000.0
     # In-graph TensorBoard summaries (0: off): scalars (lr, gradient norms,
     # loss), weight/gradient histograms, input images with predictions.
     summary_every: int = 10
@@ -230,8 +235,10 @@ class Config:
             raise ConfigError(f"--ema_decay={t.ema_decay} must be in [0, 1)")
         if not 0.0 <= m.dropout < 1.0:
             raise ConfigError(f"--dropout={m.dropout} must be in [0, 1)")
-        if not o.learning_rate > 0:
-            raise ConfigError(f"--learning_rate={o.learning_rate} must be > 0")
+        if not (o.learning_rate > 0 and math.isfinite(o.learning_rate)):
+            raise ConfigError(f"--learning_rate={o.learning_rate} must be a finite number > 0")
+        if not (t.max_loss_ratio >= 0 and math.isfinite(t.max_loss_ratio)):
+            raise ConfigError(f"--max_loss_ratio={t.max_loss_ratio} must be a finite number >= 0")
         if not 0.0 <= o.momentum < 1.0:
             raise ConfigError(f"--momentum={o.momentum} must be in [0, 1)")
         if o.weight_decay < 0:

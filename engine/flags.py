@@ -84,6 +84,7 @@ flags.DEFINE_boolean("export_raw", _d.train.export_raw, "--mode=export writes th
 # Training health
 flags.DEFINE_integer("max_bad_steps", _d.train.max_bad_steps, "Steps whose loss or gradients are not finite are skipped (nothing changes); after this many in a row, roll back to the last good checkpoint (0: never roll back).")
 flags.DEFINE_integer("max_rollbacks", _d.train.max_rollbacks, "Rollbacks allowed before the run stops with a diagnosis naming the first non-finite layer.")
+flags.DEFINE_float("max_loss_ratio", _d.train.max_loss_ratio, "A train call's mean loss or the val loss above this many times the prevalence baseline's val loss counts as divergence, like --max_bad_steps: roll back, then stop with a diagnosis (0: off).")
 flags.DEFINE_float("bad_step_lr_factor", _d.train.bad_step_lr_factor, "Learning rate multiplier applied at each rollback.")
 flags.DEFINE_integer("summary_every", _d.train.summary_every, "TensorBoard scalars from inside the step (lr, global and per-layer gradient norms, loss) every N steps (0: off).")
 flags.DEFINE_integer("histogram_every", _d.train.histogram_every, "Weight and gradient histograms every N steps (0: off).")
@@ -164,7 +165,7 @@ def config_from_flags(f=flags.FLAGS) -> Config:
             ema_warmup=f.ema_warmup, eval_with_ema=f.eval_with_ema, export_raw=f.export_raw,
             mixed_precision=f.mixed_precision, jit_compile=f.jit_compile,
             max_bad_steps=f.max_bad_steps, max_rollbacks=f.max_rollbacks,
-            bad_step_lr_factor=f.bad_step_lr_factor, summary_every=f.summary_every,
+            bad_step_lr_factor=f.bad_step_lr_factor, max_loss_ratio=f.max_loss_ratio, summary_every=f.summary_every,
             histogram_every=f.histogram_every, image_every=f.image_every,
             early_stop_patience=f.early_stop_patience, plateau_patience=f.plateau_patience,
             plateau_factor=f.plateau_factor),

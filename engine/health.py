@@ -304,6 +304,27 @@ class StepSummaries:
 
 
 # ------------------------------------------------------------ diagnosis
+def largest_weight(named: Dict[str, object]) -> str:
+    """Names the weight with the largest magnitude: where a finite divergence shows.
+
+    A run whose loss explodes without ever going non-finite leaves no bad
+    batch to replay; its weights still tell where the blow-up sits.
+    """
+    key, top = None, -1.0
+    for k, value in named.items():
+        value = np.asarray(value)
+        if value.dtype.kind != "f" or not value.size:
+            continue
+        peak = float(np.max(np.abs(value)))
+        if peak > top or not np.isfinite(peak):
+            key, top = k, peak
+            if not np.isfinite(peak):
+                break
+    if key is None:
+        return "no weights to inspect"
+    return f"the largest weight is {key} (|w| up to {top:.3g})"
+
+
 def _leaf_layers(model):
     """(path, layer) of every layer without sublayers, paths as in the state keys."""
     out = []

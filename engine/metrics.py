@@ -31,6 +31,10 @@ __all__ = [
 ]
 
 
+class NonFiniteOutputs(ValueError):
+    """The model's outputs were NaN or inf: a training run's divergence, not a metrics bug."""
+
+
 def _names(names: Optional[Sequence[str]], count: int, prefix: str) -> List[str]:
     if names is None:
         return [f"{prefix}_{i}" for i in range(count)]
@@ -155,7 +159,7 @@ class MultiLabelEvaluator:
         if probs.shape[0] == 0:
             return
         if not np.all(np.isfinite(probs)):
-            raise ValueError("probabilities contain NaN or inf: the model's outputs diverged")
+            raise NonFiniteOutputs("probabilities contain NaN or inf: the model's outputs diverged")
         if probs.min() < 0 or probs.max() > 1:
             raise ValueError("probabilities must lie in [0, 1]; pass sigmoid(logits), not logits")
         if not np.all((labels == 0) | (labels == 1)):

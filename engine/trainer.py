@@ -36,12 +36,13 @@ import tensorflow as tf
 from engine import distribute, freeze, manifest, precision
 from engine.callbacks import EpochCallbacks
 from engine.health import StepGuard, StepSummaries, TrainingDiverged, diagnose, first_non_finite, \
-    make_state_check
+    largest_weight, make_state_check
 from engine.config import Config, ConfigError
 from engine.data import open_data
 from engine.ema import EMA
 from engine.losses import make_loss, parse_pos_weight
 from engine.evaluation import Evaluation
+from engine.metrics import NonFiniteOutputs
 from engine.preemption import Preempted, StopSignals
 from engine.optimizer import make_param_groups, make_schedule
 from engine.state import StateError, TrainingState, checkpoint_is_readable, existing_checkpoints, \
@@ -127,6 +128,7 @@ class Trainer:
         self._state_is_finite = make_state_check([self.state[k] for k in self._checked_keys])
         self._initial_state: Optional[str] = None  # rollback target before the first checkpoint
         self._rollbacks_since_save = 0  # each one without a new checkpoint goes one further back
+        self._loss_bound = 0.0  # --max_loss_ratio x the baseline's loss, once train() knows it
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, os.path.join(self._write_dir(), "checkpoints"),
             max_to_keep=c.train.keep_checkpoints)
@@ -333,20 +335,36 @@ class Trainer:
             baseline = self.evaluation.baseline()
         self.log.line("baseline (predict each label's train prevalence): " + "  ".join(
             f"{k}={v:.4f}" for k, v in baseline.items()))
+        self._loss_bound = c.train.max_loss_ratio * baseline.get("baseline_loss", np.inf)
         result: Dict[str, float] = {}
         stopped = self.callbacks.should_stop_now()
         if stopped:
             self.log.line(stopped + "; nothing left to train")
             self.log.close()
             return result
+        if c.freeze.unfreeze_at >= c.train.epochs:
+            self.log.line(f"WARNING: --unfreeze_at={c.freeze.unfreeze_at} >= --epochs="
+                          f"{c.train.epochs}: the backbone stays frozen for the whole run")
         self._keep_initial_state()
+        try:
+            return self._train_epochs()
+        finally:
+            # Also after a data error or a diverged stop: the starting state is
+            # only a rollback target while this process trains.
+            self._drop_initial_state()
+            self.log.close()
+
+    def _train_epochs(self) -> Dict[str, float]:
+        """The epochs left, each: phase, steps, evaluation, checkpoint (or a rollback)."""
+        c = self.config
+        result: Dict[str, float] = {}
         with self.stop_signals:
             while int(self.epoch.numpy()) < c.train.epochs:
                 epoch = int(self.epoch.numpy())
                 self._enter_phase(freeze.phase_for_epoch(epoch, c.freeze.unfreeze_at))
                 try:
                     train_stats = self._run_epoch()
-                    result = {**train_stats, **self.evaluate()}
+                    result = {**train_stats, **self._evaluate_while_training()}
                     stop, lines = self.callbacks.on_epoch_end(result)
                     self._save(result)
                 except _BadSteps as bad:
@@ -362,8 +380,6 @@ class Trainer:
                                           **self.evaluation.label_scalars()}, step)
                 if stop:
                     break
-        self._drop_initial_state()
-        self.log.close()
         return result
 
     def _enter_phase(self, phase: str) -> None:
@@ -435,6 +451,7 @@ class Trainer:
             if c.train.max_bad_steps and in_a_row >= c.train.max_bad_steps:
                 raise _BadSteps(f"{in_a_row} steps in a row with a non-finite loss, gradient or "
                                 f"BN statistic up to step {int(self.global_step.numpy())}")
+            self._check_loss_bound("training loss", loss)
             requested = self._stop_requested()
             if requested and step < self.steps_per_epoch:
                 self._checkpoint(self.manager)
@@ -483,6 +500,29 @@ class Trainer:
                 with self.ema.swapped():
                     out.update(self.evaluation.run("val_ema", save=False))
         return out
+
+    def _evaluate_while_training(self) -> Dict[str, float]:
+        """evaluate(), with outputs that diverged turned into a rollback instead of an error."""
+        try:
+            out = self.evaluate()
+        except NonFiniteOutputs:
+            raise _BadSteps(f"the validation outputs are not finite after step "
+                            f"{int(self.global_step.numpy())}") from None
+        for key in ("val_loss", "val_ema_loss"):
+            if key in out:
+                self._check_loss_bound(key.replace("_", " "), out[key])
+        return out
+
+    def _check_loss_bound(self, what: str, loss: float) -> None:
+        """A non-finite or absurd (finite) loss is divergence: --max_loss_ratio."""
+        bound = self._loss_bound
+        if not np.isfinite(loss) and what != "training loss":  # the guard counts those
+            raise _BadSteps(f"the {what} is {loss} at step {int(self.global_step.numpy())}")
+        if bound and np.isfinite(loss) and loss > bound:
+            ratio = self.config.train.max_loss_ratio
+            raise _BadSteps(f"the {what} reached {loss:.3g} at step "
+                            f"{int(self.global_step.numpy())}, over {ratio:g}x the prevalence "
+                            f"baseline's loss (--max_loss_ratio)")
 
     @contextlib.contextmanager
     def _naming_bad_records(self, split: str):
@@ -624,13 +664,16 @@ class Trainer:
     def _diagnose(self) -> str:
         """One eager forward/backward pass on the last bad batch: where it goes non-finite."""
         if self.guard.bad_batch is None or not int(self.guard.bad_steps.numpy()):
-            return "no bad batch was kept to replay"
+            return largest_weight({self.keys[id(v)]: v.numpy() for v in self.model.weights})
         images, labels = (v.numpy() for v in self.guard.bad_batch)
         try:
-            return diagnose(self.model, self.loss_fn, images, labels,
-                            self.config.train.batch_size // self.num_workers, self.keys)
+            found = diagnose(self.model, self.loss_fn, images, labels,
+                             self.config.train.batch_size // self.num_workers, self.keys)
         except Exception as e:  # noqa: BLE001 - the diagnosis must not hide the real stop
-            return f"the replay of the last bad batch failed ({type(e).__name__}: {e})"
+            found = f"the replay of the last bad batch failed ({type(e).__name__}: {e})"
+        if "finite everywhere" in found or "failed" in found:
+            found += "; " + largest_weight({self.keys[id(v)]: v.numpy() for v in self.model.weights})
+        return found
 
 
 def _selected_by(key: str, patterns) -> bool:

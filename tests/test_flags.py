@@ -78,3 +78,9 @@ def test_flags_txt_never_fixes_the_mode_or_other_action_flags(parse):
     for name in ("mode", "allow_changed", "export_raw", "noexport_raw"):
         assert f"--{name}=" not in text and f"--{name}\n" not in text
     assert "--backbone=" in text
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-1", "0"])
+def test_learning_rate_must_be_finite_and_positive(parse, value):
+    with pytest.raises(ConfigError, match=f"--learning_rate={value}.* must be a finite number > 0"):
+        parse(f"--learning_rate={value}")

@@ -331,7 +331,7 @@ def test_a_huge_learning_rate_is_rolled_back_and_recovers(tmp_path, embedded_cac
     sgd = OptimizerConfig(name="sgd", learning_rate=1e6, schedule="constant")
     trainer = Trainer(_config(tmp_path, embedded_cache, optimizer=sgd, steps_per_epoch=12,
                               max_bad_steps=2, max_rollbacks=4, bad_step_lr_factor=0.01,
-                              checkpoint_every_steps=4))
+                              checkpoint_every_steps=4, max_loss_ratio=0))  # the guard's path
     result = trainer.train()
     rollbacks = int(trainer.rollbacks.numpy())
     assert 1 <= rollbacks <= 4 and int(trainer.guard.bad_steps.numpy()) >= 2
@@ -357,3 +357,20 @@ def test_bad_data_that_never_ends_stops_with_a_diagnosis(tmp_path, embedded_cach
     assert "input batch itself holds non-finite pixel values" in message
     assert int(trainer.rollbacks.numpy()) == 1
     _saved_values_are_finite(trainer.model_dir)
+
+
+@pytest.mark.parametrize("lr", [1e6, 1e4])
+def test_a_finite_but_absurd_loss_is_divergence_and_ends_in_a_diagnosis(tmp_path, embedded_cache,
+                                                                         lr):
+    """lr 1e6 made the eval probabilities NaN (a traceback); 1e4 finished with exit 0 at a
+    loss of 3.9e15. Both must end in the guard's hands: rollbacks, then one line naming a layer."""
+    sgd = OptimizerConfig(name="sgd", learning_rate=lr, schedule="constant")
+    trainer = Trainer(_config(tmp_path, embedded_cache, optimizer=sgd, steps_per_epoch=4,
+                              epochs=2, max_rollbacks=1).replace(freeze={"unfreeze_at": 1}))
+    with pytest.raises(TrainingDiverged) as caught:
+        trainer.train()
+    message = str(caught.value)
+    assert "\n" not in message and "after 1 rollback(s)" in message
+    assert "--max_loss_ratio" in message or "not finite" in message
+    assert "layer" in message or "the largest weight is" in message
+    assert not os.path.exists(os.path.join(trainer.model_dir, "rollback"))
