@@ -509,3 +509,18 @@ def test_training_batches_are_the_unflipped_ones_flipped_where_epoch_flips_says(
         for (x, y), (xa, ya), f in zip(plain, augmented, flips):
             np.testing.assert_array_equal(xa, np.where(f[:, None, None, None], x[:, :, ::-1], x))
             np.testing.assert_array_equal(ya, y)
+
+
+def test_skip_bad_records_counts_the_rest_of_a_corrupt_file(tmp_path):
+    """A bad CRC stops tf.data for the whole file: every record after it is left out too."""
+    _bad_dir(tmp_path, [])
+    second = str(tmp_path / "train-00001-of-00002.tfrecord")
+    _corrupt_record(second, 1)  # of 4: records 1, 2 and 3 are lost
+    data = open_data(str(tmp_path), str(tmp_path / "cache"), skip_bad_records=True)
+    assert (data.num_train, data.skipped_records) == (13, 3)
+    assert "record 1: cannot be read" in data.bad_records[0]
+    assert "it and the 2 records after it are left out" in data.bad_records[0]
+    with open(second, "r+b") as fh:  # cut short inside a record: the framing no longer adds up
+        fh.truncate(os.path.getsize(second) - 7)
+    data = open_data(str(tmp_path), str(tmp_path / "cache2"), skip_bad_records=True)
+    assert "a number of records that cannot be told" in data.bad_records[0]

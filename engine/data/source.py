@@ -359,15 +359,17 @@ class DataSource:
                 lines.append(_error_line(e, _as_text(self._where(elem))))
         return lines
 
-    def skip_bad_records(self, unreadable=()):
+    def skip_bad_records(self, unreadable=(), unreadable_count=None):
         """Finds every record that does not load and leaves it out of both splits.
 
         unreadable: lines about records the source could not even read (a
-        corrupt TFRecord tail), counted as one each. Updates the counts, the
-        label prevalence (when labels are vectors) and the description.
+        corrupt TFRecord tail); unreadable_count: how many records those lines
+        leave out (default: one each). Updates the counts, the label
+        prevalence (when labels are vectors) and the description.
         """
         self.bad_records = list(unreadable)
-        self.skipped_records = len(self.bad_records)
+        self.skipped_records = (len(self.bad_records) if unreadable_count is None
+                                else int(unreadable_count))
         for split in ("train", "val"):
             total = int(self._elements(split).reduce(np.int64(0), lambda n, _: n + 1))
             good, sums = [], None
@@ -480,10 +482,11 @@ def _open_tfrecords(data_dir, source, seed, skip_bad_records=False):
         raise DataError(f"--data_dir={data_dir} has train-*.tfrecord files but no val-*.tfrecord files")
     names = _read_labels_txt(os.path.join(data_dir, "labels.txt"))
     if skip_bad_records:
-        counts, unreadable = {}, []
+        counts, unreadable, dropped = {}, [], 0
         for split in ("train", "val"):
-            counts[split], lines = tfrecord.scan(files[split], len(names), skip_bad=True)
+            counts[split], lines, lost = tfrecord.scan(files[split], len(names), skip_bad=True)
             unreadable += lines
+            dropped += lost
         num_train, num_val = sum(counts["train"]), sum(counts["val"])
         positives = np.zeros(len(names))  # recounted over the records that load
     else:
@@ -498,7 +501,7 @@ def _open_tfrecords(data_dir, source, seed, skip_bad_records=False):
                            num_train=num_train, num_val=num_val,
                            label_prevalence=positives / num_train, seed=seed)
     if skip_bad_records:
-        data.skip_bad_records(unreadable)
+        data.skip_bad_records(unreadable, unreadable_count=dropped)
     return data
 
 

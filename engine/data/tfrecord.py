@@ -26,8 +26,12 @@ Files: ``train-*.tfrecord*`` and ``val-*.tfrecord*`` (``validation-*`` is also
 accepted) next to ``labels.txt``; names ending in ``.gz`` are read as GZIP.
 """
 
+import gzip
 import os
 import re
+import struct
+import zlib
+from typing import Optional
 
 import numpy as np
 import tensorflow as tf
@@ -100,11 +104,12 @@ def scan(files, num_labels, skip_bad=False):
 
     skip_bad=False returns (count, positives). skip_bad=True raises nothing
     for bad records and returns (readable records per file, [messages about
-    unreadable records]): label problems are then left to the source's
-    check of every record, which also decodes the images.
+    unreadable records], how many records those messages leave out): label
+    problems are then left to the source's check of every record, which also
+    decodes the images.
     """
     count, positives = 0, np.zeros(num_labels, np.float64)
-    readable, unreadable = [], []
+    readable, unreadable, dropped = [], [], 0
     spec = {ENCODED: _FEATURES[ENCODED], LABELS: _FEATURES[LABELS], VECTOR: _FEATURES[VECTOR]}
     for f in files:
         ds = tf.data.TFRecordDataset(f, compression_type=compression(f)).batch(1024)
@@ -122,13 +127,48 @@ def scan(files, num_labels, skip_bad=False):
             message = f"{f} record {index}: cannot be read (corrupt or cut short: {reason})"
             if not skip_bad:
                 raise DataError(message) from None
-            unreadable.append(message + "; it and the rest of the file are left out")
+            total = records_in_file(f)
+            if total is None or total <= index:
+                unreadable.append(message + "; it and the rest of the file (a number of records "
+                                  "that cannot be told: the framing is damaged) are left out")
+                dropped += 1
+            else:
+                unreadable.append(message + f"; it and the {total - index - 1} records after it "
+                                  f"are left out")
+                dropped += total - index
             start = index
         count += start
         readable.append(start)
     if skip_bad:
-        return readable, unreadable
+        return readable, unreadable, dropped
     return count, positives
+
+
+def records_in_file(f) -> Optional[int]:
+    """How many records a TFRecord file frames, reading only the length fields.
+
+    A record whose bytes fail their checksum cannot be read, and tf.data
+    stops the whole file there; the framing (8-byte length, 4-byte length
+    CRC, data, 4-byte data CRC) still says how many records follow, so
+    --skip_bad_records can count what it leaves out. None when the framing
+    itself is damaged (lengths that do not end exactly at the end of file).
+    """
+    kind = compression(f)
+    with tf.io.gfile.GFile(f, "rb") as fh:
+        data = fh.read()
+    try:
+        if kind == "GZIP":
+            data = gzip.decompress(data)
+        elif kind == "ZLIB":
+            data = zlib.decompress(data)
+    except (OSError, zlib.error, EOFError):
+        return None
+    n, offset = 0, 0
+    while offset + 12 <= len(data):
+        (length,) = struct.unpack_from("<Q", data, offset)
+        offset += 12 + length + 4
+        n += 1
+    return n if offset == len(data) else None
 
 
 def _check_labels(f, start, ex, num_labels):
