@@ -50,3 +50,21 @@ def test_csv_naming_a_missing_image_is_a_one_line_error(tmp_path, embedded_cache
     result = _run(f"--model_dir={tmp_path}/run", f"--data_dir={data}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "train_0" in result.stderr.splitlines()[-1]
+
+
+def test_train_with_ema_then_export_serves_the_best_ema_checkpoint(tmp_path, embedded_cache):
+    """The documented flow: train, then `--mode=export --flagfile=RUN/flags.txt`."""
+    run = tmp_path / "run"
+    trained = _run(f"--model_dir={run}", f"--cache_dir={embedded_cache}", "--backbone=tiny_cnn",
+                   "--input_size=32", "--batch_size=16", "--steps_per_epoch=2", "--epochs=1",
+                   "--ema_decay=0.9", "--progress=false")
+    assert trained.returncode == 0, trained.stderr
+    assert (run / "thresholds.json").exists() and (run / "thresholds_ema.json").exists()
+    exported = _run("--mode=export", f"--flagfile={run}/flags.txt")
+    assert exported.returncode == 0, exported.stderr
+    line = exported.stdout.strip().splitlines()[-1]
+    assert line.startswith(f"exported EMA weights of step 2 from {run}/best/ckpt-2 "
+                           f"(best by --best_metric, "), line
+    assert f" to {run}/export/2 " in line and "epoch 1:" not in exported.stdout
+    for name in ("saved_model.pb", "labels.txt", "thresholds.json"):
+        assert (run / "export" / "2" / name).exists(), name
