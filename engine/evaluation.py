@@ -17,7 +17,10 @@ What a pass gives, for the three places a run's numbers go:
   {prefix}_auc/NAME, {prefix}_threshold/NAME and the micro/macro F-beta;
   segmentation: {prefix}_iou/NAME.
 * The ``report`` callback (the trainer passes its log's ``line``) receives,
-  after each pass, a compact per-label table and any collapse warning.
+  after each pass, a compact per-label table (its header names the threshold
+  objective) and any collapse warning.
+* The thresholds searched on each pass are kept in ``thresholds[prefix]`` and
+  saved per model: thresholds.json (raw weights), thresholds_ema.json (EMA).
 
 Collapse detection (engine/collapse.py) is wired in here too:
 ``check_model()`` once at start (sigmoid/softmax in the head), the

@@ -9,8 +9,10 @@ sum or a concatenation).
 Why per-label thresholds: on imbalanced multi-label data a fixed 0.5 makes
 the F-beta of rare labels look hopeless even when their ranking is good.
 ``MultiLabelEvaluator.search_thresholds`` picks one threshold per label on
-the validation data; ``save_thresholds`` / ``load_thresholds`` carry them to
-prediction and export.
+the validation data, maximising each label's own F-beta ("per_label") or the
+mean per-image F-beta ("samples"); ``save_thresholds`` / ``read_thresholds``
+carry them, with the objective and the weights they were searched on, to
+prediction. Export searches its own, on the weights it writes.
 
 Decision rule everywhere: a label is predicted when ``prob >= threshold``.
 """
