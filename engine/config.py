@@ -16,6 +16,8 @@ OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop")
 SCHEDULES = ("constant", "cosine", "step")
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker")
 MODES = ("train", "eval", "benchmark", "export")
+# --threshold_objective: what the per-label threshold search maximises (engine/metrics.py).
+THRESHOLD_OBJECTIVES = ("samples", "per_label")
 TASKS = ("multilabel", "multiclass", "segmentation")
 SEG_MODELS = ("unet", "deeplabv3plus")  # --task=segmentation (models/segmentation.py)
 BENCHMARK_INPUTS = ("synthetic", "real", "both")
@@ -135,6 +137,12 @@ class TrainConfig:
     ema_warmup: bool = True
     eval_with_ema: bool = True
     export_raw: bool = False  # --mode=export: the raw weights even when EMA is on
+    # --mode=export: "best" (model_dir/best/, picked by --best_metric; the latest
+    # when best/ is empty), "latest" (model_dir/checkpoints/) or a checkpoint prefix.
+    export_from: str = "best"
+    # Per-label thresholds maximise each label's own F-beta ("per_label") or the
+    # mean per-image F-beta ("samples"); see engine/metrics.py and BUILD_NOTES.
+    threshold_objective: str = "per_label"
     # Non-finite guard (engine/health.py): a step whose loss or gradients are
     # not finite changes nothing and is counted; after max_bad_steps in a row
     # (0: never) the last good checkpoint is restored and the learning rate
@@ -204,6 +212,9 @@ class Config:
         _one_of("lr_schedule", o.schedule, SCHEDULES)
         _one_of("strategy", t.strategy, STRATEGIES)
         _one_of("best_mode", t.best_mode, ("min", "max"))
+        _one_of("threshold_objective", t.threshold_objective, THRESHOLD_OBJECTIVES)
+        if not t.export_from.strip():
+            raise ConfigError("--export_from is empty: give best, latest or a checkpoint path")
         _at_least("input_size", m.input_size, 1)
         _one_of("seg_model", m.seg_model, SEG_MODELS)
         _at_least("unet_depth", m.unet_depth, 1)

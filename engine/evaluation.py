@@ -17,7 +17,10 @@ What a pass gives, for the three places a run's numbers go:
   {prefix}_auc/NAME, {prefix}_threshold/NAME and the micro/macro F-beta;
   segmentation: {prefix}_iou/NAME.
 * The ``report`` callback (the trainer passes its log's ``line``) receives,
-  after each pass, a compact per-label table and any collapse warning.
+  after each pass, a compact per-label table (its header names the threshold
+  objective) and any collapse warning.
+* The thresholds searched on each pass are kept in ``thresholds[prefix]`` and
+  saved per model: thresholds.json (raw weights), thresholds_ema.json (EMA).
 
 Collapse detection (engine/collapse.py) is wired in here too:
 ``check_model()`` once at start (sigmoid/softmax in the head), the
@@ -34,10 +37,13 @@ import tensorflow as tf
 
 from engine.collapse import (GradientVanishingMonitor, check_output_activation,
                              check_prediction_collapse)
-from engine.metrics import ConfusionMatrixIoU, MultiLabelEvaluator, save_thresholds
+from engine.metrics import (ConfusionMatrixIoU, MultiLabelEvaluator, save_thresholds,
+                            thresholds_path_for)
 from engine.steps import make_eval_batch, make_segmentation_eval_batch
 
 _SEG_REMEDY = "try --loss=ce+lovasz or --loss=dice, or check the learning rate"
+_OBJECTIVE_TEXT = {"per_label": "each label's own F{b}", "macro": "each label's own F{b}",
+                   "samples": "the mean per-image F{b}"}
 # "Barely varies" is judged on the logit scale (see check_prediction_collapse):
 # a rare label's probabilities vary little even when its logits do.
 LOGIT_STD_FLOOR = 0.01
@@ -47,9 +53,14 @@ class Evaluation:
     def __init__(self, *, model, loss_fn: Callable, strategy, local_replicas: int, data,
                  input_size: int, batch_size: int, fbeta: float, multiclass: bool = False,
                  thresholds_path: Optional[str], task: Optional[str] = None,
+                 threshold_objective: str = "per_label",
                  report: Optional[Callable[[str], None]] = None,
                  grad_floor: float = 1e-7, grad_patience: int = 100):
-        """thresholds_path: where the searched per-label thresholds go (None: not saved).
+        """thresholds_path: where the raw model's searched per-label thresholds go
+        (None: not saved); the EMA model's go next to it (thresholds_ema.json).
+
+        threshold_objective: what the search maximises, "per_label" (each
+        label's own F-beta) or "samples" (the mean per-example F-beta).
 
         task: "multilabel", "multiclass" or "segmentation" (default: from
         `multiclass`). report: called with each line of the per-label table
@@ -64,6 +75,8 @@ class Evaluation:
         self.batch_size = batch_size
         self.fbeta = fbeta
         self.thresholds_path = thresholds_path
+        self.threshold_objective = threshold_objective
+        self.thresholds: Dict[str, np.ndarray] = {}  # prefix -> the latest searched thresholds
         self.report = report
         self.warnings: List[str] = []
         self.grad_monitor = GradientVanishingMonitor(floor=grad_floor, patience=grad_patience)
@@ -82,31 +95,29 @@ class Evaluation:
 
     # ------------------------------------------------------------- passes
     def run(self, prefix: str = "val", predict: Optional[Callable] = None,
-            save: bool = True, report: Optional[bool] = None) -> Dict[str, float]:
+            save: bool = True, report: Optional[bool] = None,
+            weights: str = "raw") -> Dict[str, float]:
         """Loss and summary metrics over the validation split, keys prefixed by `prefix`_.
 
         predict: replaces the model (the baseline). report: print the table
         and check for collapse (default: when the model is evaluated).
+        weights: which model this is, "raw" or "ema"; each saves its own
+        thresholds file, so export can serve the set searched on what it writes.
         """
         report = predict is None if report is None else report
         if self.task == "segmentation":
             return self._run_segmentation(prefix, predict or self.eval_batch, report)
-        predict = predict or self.eval_batch
         names = self.data.label_names
         evaluator = MultiLabelEvaluator(self.data.num_labels, beta=self.fbeta, label_names=names)
-        total, count = 0.0, 0
-        positives = np.zeros(self.data.num_labels, np.int64)
-        for images, labels in self.data.val_dataset(global_batch=self.batch_size,
-                                                    input_size=self.input_size):
-            probs, per_example = predict(images, labels)
-            labels = labels.numpy()
-            evaluator.update(labels, probs.numpy())
-            positives += (labels > 0.5).sum(axis=0).astype(np.int64)
-            total += float(tf.reduce_sum(per_example))
-            count += int(per_example.shape[0])
-        thresholds = evaluator.search_thresholds()
+        total, count, positives = feed_validation(evaluator, predict or self.eval_batch, self.data,
+                                                  self.input_size, self.batch_size)
+        thresholds = evaluator.search_thresholds(self.threshold_objective)
+        self.thresholds[prefix] = thresholds
         if save and self.thresholds_path:
-            save_thresholds(self.thresholds_path, thresholds, names)
+            save_thresholds(thresholds_path_for(self.thresholds_path, weights), thresholds, names,
+                            objective=self.threshold_objective, weights=weights,
+                            metadata={"fbeta": self.fbeta, "split": "val",
+                                      "examples": evaluator.num_examples})
         self.last = evaluator
         metrics = evaluator.result(thresholds=thresholds)
         b = _beta_name(self.fbeta)
@@ -119,7 +130,8 @@ class Evaluation:
                        if "/" in k or k.startswith(f"f{b}_m")}
             details.update({f"{prefix}_threshold/{n}": float(t) for n, t in zip(names, thresholds)})
             self._details[prefix] = details
-            self._emit_table(prefix, _label_table(prefix, names, metrics, thresholds, positives, b))
+            self._emit_table(prefix, _label_table(prefix, names, metrics, thresholds, positives, b,
+                                                  self.threshold_objective))
             std, mean = evaluator.prediction_stats()
             self._warn_collapse(prefix, "label", check_prediction_collapse(
                 std, mean, names, logit_std_floor=LOGIT_STD_FLOOR))
@@ -241,16 +253,63 @@ class Evaluation:
                         f"collapsed ({', '.join(names)}); the first: {warnings[0]}")
 
 
+def feed_validation(evaluator: MultiLabelEvaluator, predict: Callable, data, input_size: int,
+                    batch_size: int):
+    """Feeds one pass over the validation split to evaluator -> (loss sum, count, positives).
+
+    predict(images, labels) -> (probabilities, per-example loss or None).
+    Shared by the trainer's passes and export's search on the exported
+    weights, so both see the same examples in the same order.
+    """
+    total, count = 0.0, 0
+    positives = np.zeros(data.num_labels, np.int64)
+    for images, labels in data.val_dataset(global_batch=batch_size, input_size=input_size):
+        probs, per_example = predict(images, labels)
+        labels = labels.numpy()
+        evaluator.update(labels, np.asarray(probs))
+        positives += (labels > 0.5).sum(axis=0).astype(np.int64)
+        if per_example is not None:
+            total += float(tf.reduce_sum(per_example))
+            count += int(per_example.shape[0])
+    return total, count, positives
+
+
+def search_validation_thresholds(model, data, *, input_size: int, batch_size: int, fbeta: float,
+                                 objective: str, multiclass: bool = False):
+    """Per-label thresholds of `model` as it is now -> (thresholds [L], metrics at them).
+
+    One pass over the validation split on one device, no loss. Export calls
+    it with the weights it writes, so the thresholds it serves were searched
+    on exactly those weights (not on the raw model, nor on another epoch).
+    """
+    @tf.function(input_signature=[tf.TensorSpec([None, input_size, input_size, 3], tf.float32)])
+    def probabilities(images):
+        logits = model(images, training=False)
+        return tf.nn.softmax(logits) if multiclass else tf.sigmoid(logits)
+
+    evaluator = MultiLabelEvaluator(data.num_labels, beta=fbeta, label_names=data.label_names)
+    feed_validation(evaluator, lambda images, labels: (probabilities(images).numpy(), None),
+                    data, input_size, batch_size)
+    thresholds = evaluator.search_thresholds(objective)
+    return thresholds, evaluator.result(thresholds)
+
+
 def _beta_name(beta: float) -> str:
     return str(int(beta)) if float(beta).is_integer() else str(beta)
 
 
-def _label_table(prefix, names, metrics, thresholds, positives, b) -> List[str]:
-    """One line per label: val positives, threshold, precision, recall, F-beta, F@0.5, AUC."""
+def _label_table(prefix, names, metrics, thresholds, positives, b, objective) -> List[str]:
+    """One line per label: val positives, threshold, precision, recall, F-beta, F@0.5, AUC.
+
+    The header names the search objective: under "samples" a rare label's
+    threshold can leave its own F-beta at 0, which reads as a bug otherwise.
+    """
     width = max(8, max(len(n) for n in names))
     head = (f"  {'label':<{width}} {'pos':>5} {'thr':>5} {'prec':>6} {'recall':>6} "
             f"{'F' + b:>6} {'F' + b + '@.5':>7} {'AUC':>6}")
-    lines = [f"{prefix} per label (F{b} at thresholds searched on {prefix}; F{b}@.5 at 0.5):", head]
+    lines = [f"{prefix} per label (F{b} at thresholds searched on {prefix} for "
+             f"{_OBJECTIVE_TEXT.get(objective, objective).format(b=b)} "
+             f"(--threshold_objective={objective}); F{b}@.5 at 0.5):", head]
     for i, n in enumerate(names):
         lines.append(
             f"  {n:<{width}} {int(positives[i]):>5d} {thresholds[i]:>5.2f} "

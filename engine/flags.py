@@ -81,6 +81,8 @@ flags.DEFINE_float("ema_decay", _d.train.ema_decay, "EMA decay of the weights (0
 flags.DEFINE_boolean("ema_warmup", _d.train.ema_warmup, "Decay grows as min(decay, (1+n)/(10+n)).")
 flags.DEFINE_boolean("eval_with_ema", _d.train.eval_with_ema, "Also evaluate the EMA weights.")
 flags.DEFINE_boolean("export_raw", _d.train.export_raw, "--mode=export writes the raw weights, not the EMA ones.")
+flags.DEFINE_string("export_from", _d.train.export_from, "--mode=export: best (model_dir/best/, the checkpoint --best_metric picked; the latest, with a note, when best/ is empty), latest (the newest in model_dir/checkpoints/) or a checkpoint path prefix (e.g. runs/x/checkpoints/ckpt-120).")
+flags.DEFINE_string("threshold_objective", _d.train.threshold_objective, "What each label's decision threshold is searched to maximise on the validation split: per_label (each label's own F-beta, independently) or samples (the mean per-image F-beta, labels coupled; can leave a rare label never predicted).")
 # Training health
 flags.DEFINE_integer("max_bad_steps", _d.train.max_bad_steps, "Steps whose loss or gradients are not finite are skipped (nothing changes); after this many in a row, roll back to the last good checkpoint (0: never roll back).")
 flags.DEFINE_integer("max_rollbacks", _d.train.max_rollbacks, "Rollbacks allowed before the run stops with a diagnosis naming the first non-finite layer.")
@@ -163,9 +165,11 @@ def config_from_flags(f=flags.FLAGS) -> Config:
             allow_partial_restore=f.allow_partial_restore,
             allow_changed=tuple(f.allow_changed), ema_decay=f.ema_decay,
             ema_warmup=f.ema_warmup, eval_with_ema=f.eval_with_ema, export_raw=f.export_raw,
+            export_from=f.export_from, threshold_objective=f.threshold_objective,
             mixed_precision=f.mixed_precision, jit_compile=f.jit_compile,
             max_bad_steps=f.max_bad_steps, max_rollbacks=f.max_rollbacks,
-            bad_step_lr_factor=f.bad_step_lr_factor, max_loss_ratio=f.max_loss_ratio, summary_every=f.summary_every,
+            bad_step_lr_factor=f.bad_step_lr_factor, max_loss_ratio=f.max_loss_ratio,
+            summary_every=f.summary_every,
             histogram_every=f.histogram_every, image_every=f.image_every,
             early_stop_patience=f.early_stop_patience, plateau_patience=f.plateau_patience,
             plateau_factor=f.plateau_factor),

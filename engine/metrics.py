@@ -9,14 +9,17 @@ sum or a concatenation).
 Why per-label thresholds: on imbalanced multi-label data a fixed 0.5 makes
 the F-beta of rare labels look hopeless even when their ranking is good.
 ``MultiLabelEvaluator.search_thresholds`` picks one threshold per label on
-the validation data; ``save_thresholds`` / ``load_thresholds`` carry them to
-prediction and export.
+the validation data, maximising each label's own F-beta ("per_label") or the
+mean per-image F-beta ("samples"); ``save_thresholds`` / ``read_thresholds``
+carry them, with the objective and the weights they were searched on, to
+prediction. Export searches its own, on the weights it writes.
 
 Decision rule everywhere: a label is predicted when ``prob >= threshold``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -27,8 +30,14 @@ import numpy as np
 
 __all__ = [
     "MultiLabelEvaluator", "MultiClassEvaluator", "ConfusionMatrixIoU",
-    "ThresholdFileError", "save_thresholds", "load_thresholds", "fbeta_from_counts",
+    "ThresholdFileError", "ThresholdSet", "THRESHOLD_OBJECTIVES", "save_thresholds",
+    "load_thresholds", "read_thresholds", "thresholds_path_for", "fbeta_from_counts",
 ]
+
+# What the per-label threshold search maximises (MultiLabelEvaluator.search_thresholds):
+# "samples": the mean per-example F-beta (the Planet competition's score), labels coupled;
+# "per_label": each label's own F-beta, each label independently.
+THRESHOLD_OBJECTIVES = ("samples", "per_label")
 
 
 class NonFiniteOutputs(ValueError):
@@ -310,8 +319,10 @@ class MultiLabelEvaluator:
     def search_thresholds(self, objective: str = "samples", max_rounds: int = 20) -> np.ndarray:
         """Per-label thresholds [L] on the bin grid that maximise F-beta.
 
-        "macro": each label on its own (its F-beta does not depend on the
-        others), an exact argmax over the grid from the histograms.
+        "per_label" (also accepted as "macro", its old name): each label's own
+        F-beta, independently of the others -- an exact argmax over the grid
+        from the histograms. It maximises the macro F-beta, and no label's
+        F-beta can be raised by moving its threshold.
         "samples": the mean per-example F-beta couples the labels, so it is
         coordinate ascent: start from the better of the macro thresholds and
         0.5, then repeatedly give one label the grid threshold that maximises
@@ -327,14 +338,15 @@ class MultiLabelEvaluator:
         """
         if self._count == 0:
             raise ValueError("no examples were evaluated")
+        if objective not in THRESHOLD_OBJECTIVES + ("macro",):
+            raise ValueError(f"objective must be one of {', '.join(THRESHOLD_OBJECTIVES)}, "
+                             f"got {objective!r}")
         macro_k = self._search_macro()
-        if objective == "macro":
+        if objective in ("per_label", "macro"):
             return macro_k / self.num_bins
-        if objective != "samples":
-            raise ValueError(f"objective must be 'samples' or 'macro', got {objective!r}")
         if self.truncated:
             raise ValueError(f"more than max_samples={self.max_samples} examples were evaluated, "
-                             "so per-sample F-beta is unavailable; use objective='macro' or "
+                             "so per-sample F-beta is unavailable; use objective='per_label' or "
                              "raise max_samples")
         probs, positive = self._raw()
         bins = self._bins(probs)
@@ -393,23 +405,61 @@ class ThresholdFileError(ValueError):
 _THRESHOLDS_FORMAT = "tapeworks-thresholds/1"
 
 
+@dataclasses.dataclass(frozen=True)
+class ThresholdSet:
+    """A thresholds file as read: values in the asked label order, and what they belong to.
+
+    objective and weights are None in files written before they were recorded.
+    """
+    thresholds: np.ndarray
+    label_names: List[str]
+    objective: Optional[str] = None
+    weights: Optional[str] = None
+    metadata: Dict = dataclasses.field(default_factory=dict)
+
+
+def thresholds_path_for(path: str, weights: str) -> str:
+    """The file of one set of weights next to `path`: thresholds.json -> thresholds_ema.json.
+
+    A run with EMA evaluates two models, and each has its own thresholds; the
+    raw ones keep the plain name, so files written before EMA had its own
+    still mean what they meant.
+    """
+    if weights == "raw":
+        return path
+    stem, ext = os.path.splitext(path)
+    return f"{stem}_{weights}{ext}"
+
+
 def save_thresholds(path: str, thresholds, label_names: Sequence[str], *,
+                    objective: Optional[str] = None, weights: Optional[str] = None,
                     metadata: Optional[dict] = None) -> None:
     """Writes per-label thresholds as JSON, atomically (write, then rename).
 
     The labels are stored by name, so a reader with a different label order
-    still applies each threshold to the right label.
+    still applies each threshold to the right label. objective (what the
+    search maximised) and weights ("raw" or "ema": which model they were
+    searched on) are top-level fields, so a reader can tell whether the set
+    fits the model it serves. The file gets the mode a plain open() would
+    give (0644 under the usual umask 022): a serving user must be able to
+    read it, and mkstemp alone makes it 0600.
     """
     t = np.asarray(thresholds, np.float64).reshape(-1)
     names = _names(label_names, t.size, "label")
     if not np.all(np.isfinite(t)):
         raise ValueError(f"thresholds must be finite, got {t}")
     doc = {"format": _THRESHOLDS_FORMAT, "label_names": names,
-           "thresholds": [float(v) for v in t], "metadata": dict(metadata or {})}
+           "thresholds": [float(v) for v in t]}
+    if objective is not None:
+        doc["objective"] = str(objective)
+    if weights is not None:
+        doc["weights"] = str(weights)
+    doc["metadata"] = dict(metadata or {})
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".thresholds-", suffix=".json")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w") as f:
             json.dump(doc, f, indent=2)
             f.write("\n")
@@ -420,6 +470,13 @@ def save_thresholds(path: str, thresholds, label_names: Sequence[str], *,
         raise
 
 
+def _umask() -> int:
+    """The process umask (reading it means setting it; it is put straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def load_thresholds(path: str, label_names: Optional[Sequence[str]] = None
                     ) -> Tuple[np.ndarray, List[str]]:
     """Reads a thresholds file -> (thresholds [L], label names).
@@ -427,6 +484,12 @@ def load_thresholds(path: str, label_names: Optional[Sequence[str]] = None
     With label_names, the thresholds come back in that order, and a file that
     lacks one of them or has others raises ThresholdFileError.
     """
+    read = read_thresholds(path, label_names)
+    return read.thresholds, read.label_names
+
+
+def read_thresholds(path: str, label_names: Optional[Sequence[str]] = None) -> ThresholdSet:
+    """load_thresholds, plus the objective, weights and metadata the file records."""
     try:
         with open(path) as f:
             doc = json.load(f)
@@ -443,10 +506,12 @@ def load_thresholds(path: str, label_names: Optional[Sequence[str]] = None
             raise ValueError("needs one threshold per uniquely named label")
         if not np.all(np.isfinite(values)):
             raise ValueError("thresholds must be finite")
+        recorded = dict(objective=doc.get("objective"), weights=doc.get("weights"),
+                        metadata=dict(doc.get("metadata") or {}))
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         raise ThresholdFileError(f"thresholds file {path} is malformed: {e}") from None
     if label_names is None:
-        return values, names
+        return ThresholdSet(values, names, **recorded)
     wanted = [str(n) for n in label_names]
     missing = [n for n in wanted if n not in names]
     extra = [n for n in names if n not in wanted]
@@ -454,7 +519,7 @@ def load_thresholds(path: str, label_names: Optional[Sequence[str]] = None
         raise ThresholdFileError(f"thresholds file {path} is for other labels "
                                  f"(missing {missing}, unexpected {extra})")
     index = {n: i for i, n in enumerate(names)}
-    return values[[index[n] for n in wanted]], wanted
+    return ThresholdSet(values[[index[n] for n in wanted]], wanted, **recorded)
 
 
 # --------------------------------------------------------------------------

@@ -161,7 +161,8 @@ class Trainer:
             local_replicas=self.local_replicas, data=self.data, input_size=c.model.input_size,
             batch_size=c.train.batch_size, fbeta=c.loss.fbeta,
             multiclass=c.model.task == "multiclass", task=c.model.task, report=self.log.line,
-            thresholds_path=os.path.join(self.model_dir, "thresholds.json"))
+            thresholds_path=os.path.join(self.model_dir, "thresholds.json"),
+            threshold_objective=c.train.threshold_objective)
 
     def _write_dir(self) -> str:
         """The chief writes to model_dir; other workers to a scratch place, as TF expects."""
@@ -498,7 +499,8 @@ class Trainer:
             out = self.evaluation.run("val", save=self.is_chief)
             if self.ema is not None and self.config.train.eval_with_ema:
                 with self.ema.swapped():
-                    out.update(self.evaluation.run("val_ema", save=False))
+                    # its own thresholds (thresholds_ema.json): export serves the EMA weights
+                    out.update(self.evaluation.run("val_ema", save=self.is_chief, weights="ema"))
         return out
 
     def _evaluate_while_training(self) -> Dict[str, float]:

@@ -10,6 +10,7 @@ from engine import freeze
 from engine.collapse import GradientVanishingMonitor
 from engine.config import Config, DataConfig, FreezeConfig, ModelConfig, OptimizerConfig, TrainConfig
 from engine.data.embedded import LABEL_NAMES
+from engine.metrics import read_thresholds
 from engine.trainer import Trainer
 
 PER_LABEL = ("precision", "recall", "f2", "f2_at_0.5", "auc", "threshold")
@@ -99,3 +100,25 @@ def test_observe_grad_norm_counts_steps_of_a_call(tmp_path, embedded_cache):
     assert ev.observe_grad_norm(0.0, steps=9) == []
     fired = ev.observe_grad_norm(0.0, steps=4, step=13)
     assert len(fired) == 1 and "step 13" in fired[0] and ev.warnings == fired
+
+
+def test_ema_pass_saves_its_own_thresholds_naming_objective_and_weights(tmp_path, embedded_cache):
+    """Export serves the EMA weights, so their thresholds are searched and kept too."""
+    trainer = Trainer(_config(tmp_path, embedded_cache, ema_decay=0.9,
+                              threshold_objective="samples"))
+    trainer.restore()
+    shadows = trainer.ema.state()  # EMA logits 2 lower than raw: other thresholds fit
+    bias = next(k for k in shadows if k.endswith("logits/bias"))
+    shadows[bias].assign(shadows[bias] - 2.0)
+    trainer.evaluate()
+    ev = trainer.evaluation
+    raw = read_thresholds(os.path.join(trainer.model_dir, "thresholds.json"), LABEL_NAMES)
+    ema = read_thresholds(os.path.join(trainer.model_dir, "thresholds_ema.json"), LABEL_NAMES)
+    assert (raw.objective, raw.weights) == ("samples", "raw")
+    assert (ema.objective, ema.weights) == ("samples", "ema")
+    np.testing.assert_array_equal(raw.thresholds, ev.thresholds["val"])
+    np.testing.assert_array_equal(ema.thresholds, ev.thresholds["val_ema"])
+    assert np.abs(raw.thresholds - ema.thresholds).max() > 0.05
+    assert ev.tables["val_ema"][0].startswith(
+        "val_ema per label (F2 at thresholds searched on val_ema for the mean per-image F2 "
+        "(--threshold_objective=samples)")

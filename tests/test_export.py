@@ -1,6 +1,12 @@
-"""--mode=export: a SavedModel that serves the EMA model's probabilities (and decisions)."""
+"""--mode=export: a SavedModel that serves what was validated.
+
+The run used here is written by hand, so it is fast and its facts are known:
+best/ holds step 5 and checkpoints/ steps 5 and 9 (the best epoch is not the
+last), and the EMA weights differ from the raw ones enough that their
+thresholds differ too.
+"""
 import os
-import shutil
+import stat
 import subprocess
 import sys
 
@@ -10,10 +16,9 @@ import tensorflow as tf
 
 from engine.config import Config, DataConfig, ModelConfig, TrainConfig
 from engine.export import export_saved_model
-from engine.metrics import load_thresholds
+from engine.metrics import read_thresholds
 from engine.state import StateError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 32
 
 
@@ -26,13 +31,32 @@ def _config(model_dir, cache, **train):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, embedded_cache):
-    """tiny_cnn trained 3 steps with EMA (writes checkpoints/ and thresholds.json)."""
+def run(tmp_path_factory, embedded_cache):
+    """A tiny_cnn run dir: best/ckpt-5 (best_metric 0.25) and checkpoints/ckpt-5, ckpt-9.
+
+    The EMA logits sit 2 below the raw ones (other probabilities, so other
+    thresholds); step 9 has other weights again (its head kernel x3).
+    """
     from engine.trainer import Trainer
     config = _config(tmp_path_factory.mktemp("export_run"), embedded_cache)
     trainer = Trainer(config)
-    trainer.train()
+    trainer.restore()  # fresh: head bias at the label priors
+    shadows = trainer.ema.state()
+    bias = next(k for k in shadows if k.endswith("logits/bias"))
+    shadows[bias].assign(shadows[bias] - 2.0)
+    trainer.global_step.assign(5)
+    trainer.best.assign(0.25)
+    trainer.best_manager.save(checkpoint_number=5)
+    trainer.manager.save(checkpoint_number=5)
+    kernel = trainer.model.get_layer("head").get_layer("logits").kernel
+    kernel.assign(kernel * 3.0)
+    trainer.global_step.assign(9)
+    trainer.manager.save(checkpoint_number=9)
     return config, trainer
+
+
+def _checkpoint(trainer, which):
+    return os.path.join(trainer.model_dir, which)
 
 
 def _images(n=6, seed=0):
@@ -47,51 +71,119 @@ def _exported_dir(line):
     return line.split(" to ", 1)[1].split(" (", 1)[0]
 
 
-def test_export_serves_the_ema_models_probabilities_and_decisions(trained):
-    config, trainer = trained
-    line = export_saved_model(config)
-    target = os.path.join(trainer.model_dir, "export", "3")
-    assert _exported_dir(line) == target and line.startswith("exported EMA weights of step 3")
-    images = _images()
-    with trainer.ema.swapped():
-        want = _sigmoid(trainer.model(images, training=False).numpy())
-    raw = _sigmoid(trainer.model(images, training=False).numpy())
-    assert np.abs(want - raw).max() > 1e-4  # EMA and raw weights really differ
+def _as_of(trainer, path, ema):
+    """The trainer's model restored from path, EMA swapped in or not: (probabilities, thresholds).
 
-    loaded = tf.saved_model.load(target)
-    serve = loaded.signatures["serving_default"]
-    assert set(serve.structured_input_signature[1]) == {"images"}
-    spec = serve.structured_input_signature[1]["images"]
-    assert spec.dtype == tf.float32 and spec.shape.as_list() == [None, SIZE, SIZE, 3]
-    out = serve(images=tf.constant(images))
+    Thresholds through the trainer's own validation pass (Evaluation), not
+    through export's code.
+    """
+    trainer.state.restore(path)
+    images = _images()
+    if ema:
+        with trainer.ema.swapped():
+            trainer.evaluation.run("check", save=False, report=False)
+            probs = _sigmoid(trainer.model(images, training=False).numpy())
+    else:
+        trainer.evaluation.run("check", save=False, report=False)
+        probs = _sigmoid(trainer.model(images, training=False).numpy())
+    return probs, trainer.evaluation.thresholds["check"]
+
+
+def _serve(target, images):
+    return tf.saved_model.load(target).signatures["serving_default"](images=tf.constant(images))
+
+
+def test_default_export_is_best_with_ema_and_serves_the_ema_thresholds(run):
+    config, trainer = run
+    line = export_saved_model(config)
+    best = _checkpoint(trainer, "best/ckpt-5")
+    target = os.path.join(trainer.model_dir, "export", "5")
+    assert line.startswith(f"exported EMA weights of step 5 from {best} "
+                           f"(best by --best_metric, 0.25) to {target} ")
+    assert "--threshold_objective=per_label" in line
+    assert _exported_dir(line) == target
+    want_probs, ema_thresholds = _as_of(trainer, best, ema=True)
+    _, raw_thresholds = _as_of(trainer, best, ema=False)
+    assert np.abs(ema_thresholds - raw_thresholds).max() > 0.05  # the case the issue saw
+
+    out = _serve(target, _images())
     assert set(out) == {"probabilities", "decisions"}
     probs = out["probabilities"].numpy()
-    np.testing.assert_allclose(probs, want, rtol=0, atol=1e-5)
-
-    thresholds, _ = load_thresholds(os.path.join(trainer.model_dir, "thresholds.json"),
-                                    trainer.data.label_names)
-    assert out["decisions"].dtype == tf.float32
+    np.testing.assert_allclose(probs, want_probs, rtol=0, atol=1e-5)
+    served = tf.saved_model.load(target).thresholds.numpy()
+    np.testing.assert_allclose(served, ema_thresholds, rtol=0, atol=1e-6)
     np.testing.assert_array_equal(out["decisions"].numpy(),
-                                  (probs >= thresholds.astype(np.float32)).astype(np.float32))
+                                  (probs >= served).astype(np.float32))
+    copy = read_thresholds(os.path.join(target, "thresholds.json"), trainer.data.label_names)
+    assert (copy.objective, copy.weights, copy.metadata["step"]) == ("per_label", "ema", 5)
+    np.testing.assert_allclose(copy.thresholds, ema_thresholds, rtol=0, atol=1e-6)
     assert not [p for p in os.listdir(os.path.dirname(target)) if p.startswith(".")]  # no scratch
 
 
-def test_export_raw_serves_the_raw_weights_and_leaves_training_state_alone(trained):
-    config, trainer = trained
-    before = {k: np.array(v) for k, v in trainer.state.values().items()}
+def test_export_from_latest_and_from_a_path(run):
+    config, trainer = run
+    latest = _checkpoint(trainer, "checkpoints/ckpt-9")
+    line = export_saved_model(config.replace(train={"export_from": "latest"}))
+    assert line.startswith(f"exported EMA weights of step 9 from {latest} (latest) to ")
+    want, _ = _as_of(trainer, latest, ema=True)
+    np.testing.assert_allclose(_serve(_exported_dir(line), _images())["probabilities"].numpy(),
+                               want, rtol=0, atol=1e-5)
+    older = _checkpoint(trainer, "checkpoints/ckpt-5")
+    line = export_saved_model(config.replace(train={"export_from": older}))
+    assert line.startswith(f"exported EMA weights of step 5 from {older} (--export_from) to ")
+    with pytest.raises(StateError, match=r"^--export_from=.*ckpt-7 is not a readable checkpoint"):
+        export_saved_model(config.replace(train={"export_from": older[:-1] + "7"}))
+
+
+def test_export_raw_serves_the_raw_weights_and_thresholds(run):
+    config, trainer = run
     line = export_saved_model(config.replace(train={"export_raw": True}))
-    assert line.startswith("exported raw weights of step 3")
-    images = _images(seed=1)
-    want = _sigmoid(trainer.model(images, training=False).numpy())
-    probs = tf.saved_model.load(_exported_dir(line)).signatures["serving_default"](
-        images=tf.constant(images))["probabilities"].numpy()
-    np.testing.assert_allclose(probs, want, rtol=0, atol=1e-5)
-    for k, v in trainer.state.values().items():
-        assert v.tobytes() == before[k].tobytes(), k
+    assert line.startswith("exported raw weights of step 5 from ")
+    want, raw_thresholds = _as_of(trainer, _checkpoint(trainer, "best/ckpt-5"), ema=False)
+    target = _exported_dir(line)
+    np.testing.assert_allclose(_serve(target, _images())["probabilities"].numpy(), want,
+                               rtol=0, atol=1e-5)
+    loaded = tf.saved_model.load(target)
+    np.testing.assert_allclose(loaded.thresholds.numpy(), raw_thresholds, rtol=0, atol=1e-6)
+    assert loaded.weights.numpy() == b"raw"
 
 
-def test_saved_model_cli_lists_the_signature(trained):
-    config, trainer = trained
+def test_labels_and_thresholds_travel_inside_the_saved_model(run):
+    config, trainer = run
+    target = _exported_dir(export_saved_model(config))
+    loaded = tf.saved_model.load(target)
+    names = [n.decode() for n in loaded.label_names.numpy()]
+    assert names == trainer.data.label_names
+    meta = loaded.signatures["metadata"]()
+    assert [n.decode() for n in meta["label_names"].numpy()] == names
+    assert meta["thresholds"].shape == (len(names),)
+    assert meta["weights"].numpy() == b"ema" and int(meta["step"].numpy()) == 5
+    assert meta["threshold_objective"].numpy() == b"per_label"
+    with open(os.path.join(target, "labels.txt")) as f:
+        assert f.read().splitlines() == names
+
+
+def test_exported_files_are_readable_by_other_users(run):
+    config, trainer = run
+    old = os.umask(0o077)  # even a private umask: the export is for a serving user
+    try:
+        target = _exported_dir(export_saved_model(config))
+    finally:
+        os.umask(old)
+    modes = {}
+    for directory, subdirs, files in os.walk(target):
+        modes[directory] = stat.S_IMODE(os.stat(directory).st_mode)
+        for name in files:
+            modes[os.path.join(directory, name)] = stat.S_IMODE(
+                os.stat(os.path.join(directory, name)).st_mode)
+    assert os.path.join(target, "thresholds.json") in modes
+    assert os.path.join(target, "saved_model.pb") in modes
+    assert {p: m for p, m in modes.items() if m != (0o755 if os.path.isdir(p) else 0o644)} == {}
+    assert stat.S_IMODE(os.stat(os.path.dirname(target)).st_mode) == 0o755
+
+
+def test_saved_model_cli_lists_the_signatures(run):
+    config, trainer = run
     target = _exported_dir(export_saved_model(config))
     cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
     if not os.path.exists(cli):
@@ -101,8 +193,9 @@ def test_saved_model_cli_lists_the_signature(trained):
     assert shown.returncode == 0, shown.stderr[-2000:]
     text = shown.stdout
     assert "signature_def['serving_default']" in text
+    assert "signature_def['metadata']" in text
     for name in ("inputs['images']", "outputs['probabilities']", "outputs['decisions']",
-                 "(-1, 32, 32, 3)", "DT_FLOAT"):
+                 "outputs['label_names']", "(-1, 32, 32, 3)", "DT_FLOAT"):
         assert name in text, name
 
 
@@ -118,8 +211,10 @@ def test_export_of_a_run_without_ema_asks_for_export_raw(tmp_path, embedded_cach
     with pytest.raises(StateError, match="--export_raw"):
         export_saved_model(_config(tmp_path / "plain", embedded_cache))
     line = export_saved_model(_config(tmp_path / "plain", embedded_cache, export_raw=True))
-    assert line.startswith("exported raw weights of step 0")
-    assert "decisions" not in line  # no thresholds.json in this run: probabilities only
+    # best/ is empty (no epoch was evaluated): the latest, and the line says why
+    assert line.startswith(f"exported raw weights of step 0 from {tmp_path}/plain/checkpoints/"
+                           f"ckpt-0 (latest: {tmp_path}/plain/best has no readable checkpoint)")
+    assert "decisions" in line  # thresholds are searched at export time, on these weights
 
 
 def test_multiclass_exports_softmax_probabilities(tmp_path, embedded_cache):
@@ -133,22 +228,6 @@ def test_multiclass_exports_softmax_probabilities(tmp_path, embedded_cache):
     logits = trainer.model(images, training=False).numpy().astype(np.float64)
     want = np.exp(logits - logits.max(-1, keepdims=True))
     want /= want.sum(-1, keepdims=True)
-    probs = tf.saved_model.load(_exported_dir(line)).signatures["serving_default"](
-        images=tf.constant(images))["probabilities"].numpy()
+    probs = _serve(_exported_dir(line), images)["probabilities"].numpy()
     np.testing.assert_allclose(probs, want, rtol=0, atol=1e-5)
     np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
-
-
-def test_cli_export_mode(trained, tmp_path):
-    config, trainer = trained
-    model_dir = tmp_path / "copy"
-    shutil.copytree(trainer.model_dir, model_dir,
-                    ignore=shutil.ignore_patterns("export"))
-    args = [sys.executable, os.path.join(REPO, "train_main.py"), "--mode=export",
-            f"--model_dir={model_dir}", "--backbone=tiny_cnn", f"--input_size={SIZE}",
-            f"--cache_dir={config.data.cache_dir}", "--ema_decay=0.9", "--export_raw"]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
-    done = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert f"exported raw weights of step 3 to {model_dir}/export/3" in done.stdout
-    assert (model_dir / "export" / "3" / "saved_model.pb").exists()

@@ -47,6 +47,8 @@ def test_defaults_equal_the_dataclass_defaults(parse):
     (["--lr_step_epochs=a,b"], r"--lr_step_epochs=a,b must be a comma list"),
     (["--ema_decay=1.5"], r"--ema_decay=1.5 must be in \[0, 1\)"),
     (["--num_virtual_cpus=2"], r"--num_virtual_cpus needs --strategy=mirrored"),
+    (["--threshold_objective=macro"], r"--threshold_objective=macro is not one of samples, per_label"),
+    (["--export_from="], r"--export_from is empty"),
 ])
 def test_bad_values_name_the_flag(parse, args, match):
     with pytest.raises(ConfigError, match=match):
@@ -60,6 +62,17 @@ def test_effective_flags_round_trip_through_a_flagfile(parse, tmp_path):
     c = parse(f"--flagfile={path}")
     assert c.model.backbone == "resnet50" and c.train.epochs == 7
     assert c.optimizer.lr_step_epochs == (2, 4)
+
+
+def test_flags_txt_never_fixes_mode(parse, tmp_path):
+    """`--mode=export --flagfile=RUN/flags.txt` exports (DESIGN.md), whatever mode wrote it."""
+    parse("--mode=train", "--export_from=latest", "--threshold_objective=samples")
+    path = tmp_path / "flags.txt"
+    path.write_text(engine_flags.effective_flags(FLAGS))
+    assert not [l for l in path.read_text().splitlines() if l.startswith("--mode=")]
+    c = parse("--mode=export", "--export_from=latest", f"--flagfile={path}")
+    assert FLAGS.mode == "export"  # neither is fixed by the file; the run's settings are
+    assert c.train.export_from == "latest" and c.train.threshold_objective == "samples"
 
 
 def test_benchmark_aliases_set_the_benchmark_flags_and_stay_out_of_flags_txt(parse):

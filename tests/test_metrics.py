@@ -3,12 +3,15 @@
 import itertools
 import json
 import math
+import os
+import stat
 
 import numpy as np
 import pytest
 
 from engine.metrics import (ConfusionMatrixIoU, MultiClassEvaluator, MultiLabelEvaluator,
-                            ThresholdFileError, load_thresholds, save_thresholds)
+                            ThresholdFileError, load_thresholds, read_thresholds, save_thresholds,
+                            thresholds_path_for)
 
 # 3 images x 3 labels, worked by hand below
 LABELS = np.array([[1, 0, 1], [0, 1, 0], [1, 1, 0]])
@@ -166,6 +169,43 @@ def test_samples_search_reaches_brute_force_optimum(seed):
     assert found >= ev.result()["f2_samples_at_0.5"] - 1e-12
 
 
+def rare_label_example():
+    """Label a is on every image; r is on image 1 only, and scored below 3 negatives.
+
+    Bins of 0.1. r's own F2: predicting all 4 images (t <= 0.2) gives tp 1, fp 3:
+    5 / (5 + 3) = 5/8; any t that drops image 1 gives tp 0 -> 0. So per_label
+    takes the middle of t in {0, 0.1, 0.2}. Per image, with a predicted: r off
+    scores image 1 at 5/(5+4) = 5/9 and the others 1 -> (5/9 + 3)/4 = 8/9; r on
+    everywhere makes image 1 perfect but costs 1/6 on each other image ->
+    (1 + 3 * 5/6)/4 = 7/8 < 8/9. So "samples" never predicts r: its F2 is 0.
+    """
+    ev = MultiLabelEvaluator(2, beta=2.0, label_names=["a", "r"], num_bins=10)
+    ev.update([[1, 1], [1, 0], [1, 0], [1, 0]],
+              [[0.95, 0.25], [0.95, 0.45], [0.95, 0.55], [0.95, 0.65]])
+    return ev
+
+
+def test_per_label_search_maximises_each_labels_own_fbeta_by_hand():
+    ev = rare_label_example()
+    t = ev.search_thresholds("per_label")
+    # a: every t in [0, 0.9] gives F2 1 (t = 1.0 predicts nothing) -> middle of k = 0..9
+    np.testing.assert_allclose(t, [0.4, 0.1])
+    r = ev.result(t)
+    assert r["f2/r"] == pytest.approx(5 / 8) and r["recall/r"] == 1.0
+    assert r["f2_samples"] == pytest.approx(7 / 8)
+    assert r["f2_macro"] == pytest.approx((1 + 5 / 8) / 2)
+    np.testing.assert_array_equal(ev.search_thresholds("macro"), t)  # the old name still works
+
+    samples = ev.search_thresholds("samples")
+    assert samples[1] > 0.65                                 # r is never predicted
+    s = ev.result(samples)
+    assert s["f2/r"] == 0.0 and s["recall/r"] == 0.0
+    assert s["f2_samples"] == pytest.approx(8 / 9) and s["f2_samples"] > r["f2_samples"]
+    assert s["f2_macro"] == pytest.approx(1 / 2) and s["f2_macro"] < r["f2_macro"]
+    with pytest.raises(ValueError, match="samples, per_label"):
+        ev.search_thresholds("micro")
+
+
 def test_truncation_keeps_histogram_metrics_and_refuses_samples_search():
     labels, probs = random_data(4, n=30)
     full = MultiLabelEvaluator(5)
@@ -216,6 +256,37 @@ def test_thresholds_roundtrip_and_reorder(tmp_path):
     np.testing.assert_array_equal(t, [1.005, 0.2, 0.35])
     assert json.load(open(path))["metadata"] == {"objective": "samples"}
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["thresholds.json"]
+
+
+def test_thresholds_file_records_objective_and_weights(tmp_path):
+    path = str(tmp_path / "thresholds.json")
+    assert thresholds_path_for(path, "raw") == path
+    ema_path = thresholds_path_for(path, "ema")
+    assert ema_path == str(tmp_path / "thresholds_ema.json")
+    save_thresholds(ema_path, [0.3, 0.6], ["a", "b"], objective="per_label", weights="ema",
+                    metadata={"fbeta": 2.0})
+    doc = json.load(open(ema_path))
+    assert doc["objective"] == "per_label" and doc["weights"] == "ema"
+    read = read_thresholds(ema_path, label_names=["b", "a"])
+    np.testing.assert_array_equal(read.thresholds, [0.6, 0.3])
+    assert (read.label_names, read.objective, read.weights) == (["b", "a"], "per_label", "ema")
+    assert read.metadata == {"fbeta": 2.0}
+    # a file written before objective and weights were recorded still loads
+    json.dump({"format": "tapeworks-thresholds/1", "label_names": ["a", "b"],
+               "thresholds": [0.2, 0.4], "metadata": {}}, open(path, "w"))
+    old = read_thresholds(path)
+    assert old.objective is None and old.weights is None
+    np.testing.assert_array_equal(load_thresholds(path)[0], [0.2, 0.4])
+
+
+def test_saved_thresholds_are_readable_by_other_users(tmp_path):
+    """mkstemp makes 0600; a serving user must read the file: 0644 under umask 022."""
+    old = os.umask(0o022)
+    try:
+        save_thresholds(str(tmp_path / "t.json"), [0.5], ["a"])
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "t.json").st_mode) == 0o644
 
 
 def test_thresholds_file_errors_name_the_file(tmp_path):

@@ -56,10 +56,13 @@ def test_csv_naming_a_missing_image_is_a_one_line_error(tmp_path, embedded_cache
 
 def test_readme_flagfile_commands_evaluate_and_export_and_a_failed_run_keeps_flags_txt(
         tmp_path, embedded_cache):
+    """The documented flow: train, then `--mode=eval|export --flagfile=RUN/flags.txt`."""
     run = tmp_path / "run"
     first = _run(f"--model_dir={run}", f"--cache_dir={embedded_cache}", "--backbone=tiny_cnn",
-                 "--batch_size=16", "--steps_per_epoch=2", "--epochs=1", "--progress=false")
+                 "--batch_size=16", "--steps_per_epoch=2", "--epochs=1", "--ema_decay=0.9",
+                 "--progress=false")
     assert first.returncode == 0, first.stderr
+    assert (run / "thresholds.json").exists() and (run / "thresholds_ema.json").exists()
     flags_txt = (run / "flags.txt").read_text()
     assert "--mode=" not in flags_txt
     checkpoints = sorted(os.listdir(run / "checkpoints"))
@@ -70,8 +73,12 @@ def test_readme_flagfile_commands_evaluate_and_export_and_a_failed_run_keeps_fla
     assert sorted(os.listdir(run / "checkpoints")) == checkpoints
     exported = _run(f"--flagfile={run}/flags.txt", "--mode=export")
     assert exported.returncode == 0, exported.stderr
-    assert any(os.path.exists(os.path.join(d, "saved_model.pb"))
-               for d, _, _ in os.walk(run / "export"))
+    line = exported.stdout.strip().splitlines()[-1]
+    assert line.startswith(f"exported EMA weights of step 2 from {run}/best/ckpt-2 "
+                           f"(best by --best_metric, "), line
+    assert f" to {run}/export/2 " in line and "epoch 1:" not in exported.stdout
+    for name in ("saved_model.pb", "labels.txt", "thresholds.json"):
+        assert (run / "export" / "2" / name).exists(), name
     # A command that fails on this model_dir leaves its flags.txt alone.
     failed = _run(f"--flagfile={run}/flags.txt", "--loss=foo", "--epochs=2")
     assert failed.returncode == 2 and "--loss=foo" in failed.stderr.splitlines()[-1]
