@@ -89,8 +89,24 @@ def main(argv):
     return 0
 
 
+def _parse_flags(argv):
+    """absl's parsing, with its errors as one line and exit 2 like every user error.
+
+    absl's own prints "FATAL Flags parsing error" and exits 1 (a missing
+    --flagfile, --epochs=abc).
+    """
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        message = str(e).strip()
+        while message.startswith("ERROR:"):  # absl's own prefix on flagfile errors
+            message = message[len("ERROR:"):].lstrip(": ")
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
 def run():
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

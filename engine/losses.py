@@ -474,7 +474,8 @@ def _parse_spec(spec: str) -> List[Tuple[Optional[float], str]]:
         name = m.group("name").lower()
         if name not in _NAME_TASKS:
             raise LossError(f"--loss={spec}: unknown loss {name!r}; "
-                            f"choose from {', '.join(LOSS_NAMES)}")
+                            f"choose from {', '.join(LOSS_NAMES)}, or a sum such as bce+fbeta "
+                            f"or 0.5*bce+fbeta")
         if name in seen:
             raise LossError(f"--loss={spec}: {name!r} appears twice")
         seen.add(name)

@@ -277,6 +277,14 @@ class Trainer:
                              f"start from the restored weights")
         return lines
 
+    def _labels_without_positives(self) -> list:
+        """Label names of labels.txt that no training record carries (multi-label only)."""
+        if self.config.model.task != "multilabel":
+            return []
+        names = getattr(self.data, "label_names", ())
+        prevalence = np.asarray(self.data.label_prevalence)
+        return [n for n, p in zip(names, prevalence) if p == 0]
+
     def _init_head_bias_to_prior(self) -> None:
         """Starts each label's logit at its training prevalence.
 
@@ -329,6 +337,12 @@ class Trainer:
         self.evaluation.check_model()  # warnings go to the log through its report callback
         self.log.line(f"data: {self.data.description}; {self.steps_per_epoch} steps/epoch "
                       f"of {c.train.batch_size}; replicas: {self.strategy.num_replicas_in_sync}")
+        unused = self._labels_without_positives()
+        if unused:
+            self.log.line(f"WARNING: {len(unused)} labels have no positive example in the training "
+                          f"split ({', '.join(unused[:8])}{' ...' if len(unused) > 8 else ''}): "
+                          f"they cannot be learned, and their AUC and F-beta mean nothing; "
+                          f"check labels.txt against the data")
         if getattr(self.data, "bad_records", None):
             self.log.line(f"WARNING: --skip_bad_records left out {self.data.skipped_records} "
                           f"records: " + "; ".join(self.data.bad_records))

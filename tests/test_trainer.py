@@ -286,3 +286,18 @@ def test_a_run_from_before_the_manifest_reads_its_slots_only_for_the_same_optimi
     other = Trainer(_config(tmp_path, embedded_cache, epochs=2))
     assert "optimizer slots start fresh" in other.restore()
     assert not any(np.any(v.numpy()) for v in other.groups["head"].slots.values())
+
+
+def test_labels_that_no_training_record_carries_are_named(tmp_path, embedded_cache, capsys):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, size=(40, 32, 32, 3), dtype=np.uint8)
+    labels = [[int(i % 5)] for i in range(40)]
+    write_tfrecords(str(data_dir / "train"), images[:32], labels[:32])
+    write_tfrecords(str(data_dir / "val"), images[32:], labels[32:])
+    (data_dir / "labels.txt").write_text("\n".join(f"l{i}" for i in range(7)) + "\n")
+    cfg = _config(tmp_path, embedded_cache, epochs=1, steps_per_epoch=1, unfreeze_at=0)
+    Trainer(cfg.replace(data={"data_dir": str(data_dir)})).train()
+    out = capsys.readouterr().out
+    assert "WARNING: 2 labels have no positive example in the training split (l5, l6)" in out
