@@ -466,15 +466,29 @@ def _load_keras_file(path: str, model, variables: Dict[str, object], flag: str) 
 
 
 def _plan_keras_file(path: str, model, selected, excluded) -> _Plan:
+    """Keras' loader into the whole model, else into each nested model in turn.
+
+    Keras matches a weights file by the structure of the model it loads
+    into, so a file saved from the backbone alone (`model.get_layer(
+    "backbone").save_weights`) fits only the nested backbone.
+    """
     restore = _snapshot(model.variables)
-    try:
-        loaded = _load_keras_file(path, model, selected, flag="--init_checkpoint")
-    except StateError:
-        restore()
-        raise
+    nested = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    for target in (model, *nested):
+        try:
+            loaded = _load_keras_file(path, target, selected, flag="--init_checkpoint")
+        except StateError:
+            if target is model:
+                restore()
+                raise
+            loaded = set()  # that part of the model does not take this file at all
+        if loaded:
+            break
     restore(keep={id(selected[k]) for k in loaded})  # the rest, excluded ones too, as before
-    report = WarmStartReport(path=path, excluded=list(excluded), source="Keras weights file; "
-                             "missing means absent or of another shape, Keras does not say which")
+    into = "" if target is model or not loaded else f" loaded into the nested '{target.name}'"
+    report = WarmStartReport(
+        path=path, excluded=list(excluded), source=f"Keras weights file{into}; missing "
+        f"means absent or of another shape, Keras does not say which")
     report.matched = [k for k in selected if k in loaded]
     report.missing = [k for k in selected if k not in loaded]  # absent or of another shape
     report.unused = _unused_file_tensors(path, [selected[k] for k in report.matched])

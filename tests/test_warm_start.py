@@ -128,8 +128,14 @@ def test_keras_weights_file_counts_what_it_loaded(fitted, tmp_path):
     report = Engine(num_labels=4).warm_start(full)  # a new head: the file's head is left over
     assert len(report.matched) == 20 and len(report.missing) == 2 and len(report.unused) == 2
 
+    backbone_only = str(tmp_path / "backbone.weights.h5")
+    model.get_layer("backbone").save_weights(backbone_only)
+    report = Engine().warm_start(backbone_only)
+    assert len(report.matched) == 20 and "into the nested 'backbone'" in report.source
+
     inputs = keras.Input((6,))
-    keras.Model(inputs, keras.layers.Dense(2)(inputs)).save_weights(str(tmp_path / "zero.weights.h5"))
+    unrelated = keras.Model(inputs, keras.layers.Dense(2)(inputs))
+    unrelated.save_weights(str(tmp_path / "zero.weights.h5"))
     engine = Engine()
     before = engine.values()
     with pytest.raises(StateError, match=r"zero\.weights\.h5 does not fit.*0 of 22 model tensors "
