@@ -405,8 +405,9 @@ def _plan_object_graph(prefix, reader, graph, model, selected, excluded) -> _Pla
     key_of = {id(v): k for k, v in selected.items()}
     live = _live_groups(model)
     saved_paths, live_paths = list(saved), list(live)
+    where = f"model under '{root}'" if root else "model at the root"
     report = WarmStartReport(path=prefix, excluded=list(excluded),
-                             source=f"Keras object-graph checkpoint, model under '{root}'")
+                             source=f"Keras object-graph checkpoint, {where}")
     pairs, used = [], set()
     for i, j in _align([saved[p] for p in saved_paths], [live[p] for p in live_paths]):
         theirs, ours = saved[saved_paths[i]], live[live_paths[j]]
@@ -486,11 +487,11 @@ def _plan_keras_file(path: str, model, selected, excluded) -> _Plan:
             break
     restore(keep={id(selected[k]) for k in loaded})  # the rest, excluded ones too, as before
     into = "" if target is model or not loaded else f" loaded into the nested '{target.name}'"
-    report = WarmStartReport(
-        path=path, excluded=list(excluded), source=f"Keras weights file{into}; missing "
-        f"means absent or of another shape, Keras does not say which")
+    report = WarmStartReport(path=path, excluded=list(excluded), source=f"Keras weights file{into}")
     report.matched = [k for k in selected if k in loaded]
-    report.missing = [k for k in selected if k not in loaded]  # absent or of another shape
+    report.missing = [k for k in selected if k not in loaded]
+    if report.missing:
+        report.source += "; missing means absent or of another shape, Keras does not say which"
     report.unused = _unused_file_tensors(path, [selected[k] for k in report.matched])
     return _Plan(report, undo=restore)
 

@@ -98,6 +98,23 @@ def test_partially_different_keras_model_matches_what_fits(tmp_path):
         np.testing.assert_array_equal(got[key], value.numpy(), err_msg=key)
 
 
+def test_keras2_style_object_graph_with_the_model_at_the_root(fitted, tmp_path):
+    """tf.keras 2 writes `layer_with_weights-N/kernel` with the model as the checkpoint's root."""
+    model, _ = fitted
+    keys = model_variable_keys(model)
+    layers = {}
+    for v in model.weights:
+        layer, leaf = keys[id(v)].split("/")[-2:]
+        setattr(layers.setdefault(layer, tf.Module()), leaf, tf.Variable(v.numpy()))
+    path = tf.train.Checkpoint(**{f"layer_with_weights-{i}": m for i, m in
+                                  enumerate(layers.values())}).write(str(tmp_path / "ckpt"))
+    engine = Engine()
+    report = engine.warm_start(path)
+    assert len(report.matched) == 22 and "model at the root" in report.source
+    np.testing.assert_array_equal(engine.values()["model/head/logits/kernel"],
+                                  model.get_layer("head").get_layer("logits").kernel.numpy())
+
+
 def test_unrelated_model_is_a_one_line_error_naming_the_file_and_counts(tmp_path):
     other = build_model("mobilenetv2", 32, 3, seed=1)
     path = tf.train.Checkpoint(model=other).write(str(tmp_path / "mobilenet"))
