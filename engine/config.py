@@ -129,7 +129,10 @@ class TrainConfig:
     init_checkpoint: Optional[str] = None  # warm start when model_dir has no checkpoint
     init_include: Tuple[str, ...] = ()
     init_exclude: Tuple[str, ...] = ()
-    allow_partial_restore: bool = False
+    # A warm start that matches less than this share of the selected model
+    # tensors (or of their parameters) stops with an error: see warm_start.py.
+    init_min_fraction: float = 0.5
+    allow_partial_restore: bool = False  # resume or warm start below those checks
     # Flags whose change on resume is accepted although it changes what the
     # saved state means (engine/manifest.py STATE); that state starts fresh.
     allow_changed: Tuple[str, ...] = ()
@@ -242,6 +245,8 @@ class Config:
             raise ConfigError(f"--bad_step_lr_factor={t.bad_step_lr_factor} must be in (0, 1]")
         if not 0.0 < t.plateau_factor < 1.0:
             raise ConfigError(f"--plateau_factor={t.plateau_factor} must be in (0, 1)")
+        if not 0.0 <= t.init_min_fraction <= 1.0:
+            raise ConfigError(f"--init_min_fraction={t.init_min_fraction} must be in [0, 1]")
         if not 0.0 <= t.ema_decay < 1.0:
             raise ConfigError(f"--ema_decay={t.ema_decay} must be in [0, 1)")
         if not 0.0 <= m.dropout < 1.0:

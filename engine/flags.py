@@ -72,10 +72,11 @@ flags.DEFINE_string("best_mode", _d.train.best_mode, "min or max for --best_metr
 flags.DEFINE_string("strategy", _d.train.strategy, "auto, default, one_device, mirrored or multi_worker.")
 flags.DEFINE_integer("num_virtual_cpus", _d.train.num_virtual_cpus, "Split the CPU into N devices (tests, mirrored).")
 flags.DEFINE_boolean("progress", _d.train.progress, "Show a tqdm bar per epoch.")
-flags.DEFINE_string("init_checkpoint", "", "Warm start from a tapeworks checkpoint or Keras weights file.")
-flags.DEFINE_list("init_include", [], "Key patterns (fnmatch) restored by --init_checkpoint.")
-flags.DEFINE_list("init_exclude", [], "Key patterns (fnmatch) not restored by --init_checkpoint.")
-flags.DEFINE_boolean("allow_partial_restore", _d.train.allow_partial_restore, "Resume even when model tensors are missing.")
+flags.DEFINE_string("init_checkpoint", "", "Warm start the model weights (only) when --model_dir has no checkpoint: a tapeworks run dir or checkpoint, a tf.train.Checkpoint of a Keras model, a name-based (TF1/Keras 2) checkpoint, or a Keras .weights.h5/.keras/.h5 file. Prints what matched.")
+flags.DEFINE_list("init_include", [], "Key patterns (fnmatch on the whole key, e.g. model/backbone/*) restored by --init_checkpoint; a pattern matching no model tensor is an error.")
+flags.DEFINE_list("init_exclude", [], "Key patterns (fnmatch, e.g. model/head/*) not restored by --init_checkpoint; a pattern matching no model tensor is an error.")
+flags.DEFINE_float("init_min_fraction", _d.train.init_min_fraction, "--init_checkpoint must match at least this share of the selected model tensors and of their parameters, else the run stops (exit 2).")
+flags.DEFINE_boolean("allow_partial_restore", _d.train.allow_partial_restore, "Resume even when model tensors are missing; warm start (or --weights) even below --init_min_fraction or with nothing matched.")
 flags.DEFINE_list("allow_changed", [], "On resume, accept a change of these settings although it changes what the saved state means (optimizer, labels, task, input_size, batch_size); the state it affects starts fresh and the log says so. Never saved in flags.txt.")
 flags.DEFINE_float("ema_decay", _d.train.ema_decay, "EMA decay of the weights (0: off).")
 flags.DEFINE_boolean("ema_warmup", _d.train.ema_warmup, "Decay grows as min(decay, (1+n)/(10+n)).")
@@ -162,6 +163,7 @@ def config_from_flags(f=flags.FLAGS) -> Config:
             best_mode=f.best_mode, strategy=f.strategy, num_virtual_cpus=f.num_virtual_cpus,
             progress=f.progress, init_checkpoint=f.init_checkpoint or None,
             init_include=tuple(f.init_include), init_exclude=tuple(f.init_exclude),
+            init_min_fraction=f.init_min_fraction,
             allow_partial_restore=f.allow_partial_restore,
             allow_changed=tuple(f.allow_changed), ema_decay=f.ema_decay,
             ema_warmup=f.ema_warmup, eval_with_ema=f.eval_with_ema, export_raw=f.export_raw,

@@ -73,14 +73,20 @@ class RestoreReport:
     excluded: List[str] = dataclasses.field(default_factory=list)  # by include/exclude
 
     def summary(self) -> str:
-        parts = [f"restored {len(self.matched)} tensors from {self.path}"]
+        return "; ".join([f"restored {len(self.matched)} tensors from {self.path}",
+                          *self.details()])
+
+    def details(self) -> List[str]:
+        """One part per non-empty list: its count and its first few names."""
+        parts = []
         for label, keys in (("missing from checkpoint (fresh)", self.missing),
                             ("in checkpoint but unused (ignored)", self.unused),
-                            ("wrong shape (skipped)", self.shape_mismatch)):
+                            ("wrong shape (skipped)", self.shape_mismatch),
+                            ("excluded by include/exclude (kept)", self.excluded)):
             if keys:
                 shown = ", ".join(keys[:5]) + (" ..." if len(keys) > 5 else "")
                 parts.append(f"{len(keys)} {label}: {shown}")
-        return "; ".join(parts)
+        return parts
 
 
 class TrainingState:
@@ -121,14 +127,16 @@ class TrainingState:
 
     def restore(self, path: str, *, include: Sequence[str] = (),
                 exclude: Sequence[str] = (), only_prefixes: Sequence[str] = (),
-                fallbacks: Optional[Dict[str, str]] = None) -> RestoreReport:
+                fallbacks: Optional[Dict[str, str]] = None,
+                assign: bool = True) -> RestoreReport:
         """Assigns every state variable whose key is in the checkpoint at path.
 
         include/exclude are fnmatch patterns on the full keys (for example
         `model/backbone/*`); only_prefixes limits which groups take part at
         all (a warm start restores only `model/`). fallbacks: key -> the key
         to read instead when the file lacks the key itself (a checkpoint
-        written under an older naming).
+        written under an older naming). assign=False only reports,
+        so a caller can refuse a poor match before any variable changes.
         """
         reader = _reader(path)
         shapes = reader.get_variable_to_shape_map()
@@ -151,7 +159,9 @@ class TrainingState:
                 report.shape_mismatch.append(
                     f"{key} {tuple(shapes[file_key])}->{tuple(var.shape)}")
                 continue
-            var.assign(reader.get_tensor(file_key).astype(tf.as_dtype(var.dtype).as_numpy_dtype))
+            if assign:
+                var.assign(reader.get_tensor(file_key).astype(
+                    tf.as_dtype(var.dtype).as_numpy_dtype))
             report.matched.append(key)
         used = set(self._vars) | read_keys
         report.unused = sorted(k for k in in_file if k not in used and k != "save_counter"

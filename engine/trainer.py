@@ -49,6 +49,7 @@ from engine.state import StateError, TrainingState, checkpoint_is_readable, exis
     model_variable_keys
 from engine.steps import make_train_loop
 from engine.summaries import RunLog
+from engine.warm_start import count_weights_file, warm_start
 from models import backbone_blocks, build_model
 
 
@@ -210,10 +211,10 @@ class Trainer:
         self._init_head_bias_to_prior()
         if self.ema is not None:
             self.ema.reset()  # the shadows start from the weights the run starts from
+        weights = self._weights_note()
         if c.train.init_checkpoint:
-            report = self._warm_start(c.train.init_checkpoint)
-            return "warm start: " + report
-        return "fresh start"
+            return weights + "warm start: " + self._warm_start(c.train.init_checkpoint)
+        return weights + "fresh start"
 
     def _check_settings(self):
         """Compares this resume's settings with the model_dir's manifest.
@@ -299,23 +300,24 @@ class Trainer:
         bias.assign(np.log(p / (1 - p)).astype(np.float32))
 
     def _warm_start(self, path: str) -> str:
+        """Model weights only, from any checkpoint or Keras file engine/warm_start.py reads."""
         c = self.config
-        if path.endswith(".h5"):
-            try:
-                self.model.load_weights(path, skip_mismatch=True)
-            except (ValueError, OSError) as e:
-                raise StateError(f"--init_checkpoint={path}: {str(e).splitlines()[0]}") from None
-            summary = f"loaded Keras weights from {path}"
-        else:
-            if os.path.isdir(path):
-                path = tf.train.latest_checkpoint(os.path.join(path, "checkpoints")) or \
-                       tf.train.latest_checkpoint(path) or path
-            report = self.state.restore(path, include=c.train.init_include,
-                                        exclude=c.train.init_exclude, only_prefixes=("model/",))
-            summary = report.summary()
+        report = warm_start(path, model=self.model, state=self.state, keys=self.keys,
+                            include=c.train.init_include, exclude=c.train.init_exclude,
+                            min_fraction=c.train.init_min_fraction,
+                            allow_partial=c.train.allow_partial_restore)
         if self.ema is not None:
             self.ema.reset()
-        return summary
+        return report.summary()
+
+    def _weights_note(self) -> str:
+        """What --weights=FILE gave the backbone, counted: Keras itself only says "loaded"."""
+        weights = self.config.model.weights
+        if weights in (None, "imagenet"):
+            return ""
+        report = count_weights_file(weights, self.model.get_layer("backbone"),
+                                    allow_empty=self.config.train.allow_partial_restore)
+        return f"--weights: {report.summary()}; "
 
     # ----------------------------------------------------------------- train
     def train(self, started: Optional[Callable[[], None]] = None) -> Dict[str, float]:
