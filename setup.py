@@ -7,7 +7,7 @@ setup(
     description="A readable TensorFlow 2 custom-training-loop engine for fine-tuning image models.",
     packages=find_packages(include=["engine", "engine.*", "models", "models.*"]),
     py_modules=["train_main"],
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     install_requires=[
         # The CPU wheel works everywhere; GPU users install tensorflow[and-cuda] (see README).
         "tensorflow>=2.21,<2.22",

@@ -95,6 +95,10 @@ def _parse_flags(argv):
     absl's own prints "FATAL Flags parsing error" and exits 1 (a missing
     --flagfile, --epochs=abc).
     """
+    asked = {a.split("=", 1)[0] for a in argv[1:]}
+    if asked & {"--help", "-help", "-h", "-?", "--helpshort", "--helpfull"}:
+        sys.stdout.write(engine_flags.help_text(full="--helpfull" in asked))
+        sys.exit(0)
     try:
         return FLAGS(argv)
     except flags.Error as e:

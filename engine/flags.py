@@ -14,7 +14,16 @@ from engine.config import BenchmarkConfig  # --mode=benchmark
 
 _d = Config()  # defaults live in one place: the dataclasses
 
-# Model
+# --help and --helpfull list flags by these sections (absl's own help is one
+# alphabetical block per module); each section holds the flags defined after it.
+_SECTIONS = []
+
+
+def _section(title: str) -> None:
+    _SECTIONS.append((title, set(flags.FLAGS)))
+
+
+_section('Model')
 flags.DEFINE_string("backbone", "tiny_cnn", "inceptionv3, resnet50, mobilenetv2, efficientnetb0 or tiny_cnn")
 flags.DEFINE_integer("input_size", 0, "Square input size in pixels (0: the backbone's default, e.g. 75 for inceptionv3; 64 for --task=segmentation).")
 flags.DEFINE_string("weights", "", "Backbone weights: empty (random), 'imagenet' (needs network) or a local .h5/.weights.h5 file.")
@@ -25,13 +34,13 @@ flags.DEFINE_string("seg_model", _d.model.seg_model, "--task=segmentation: unet 
 flags.DEFINE_integer("unet_depth", _d.model.unet_depth, "U-Net poolings (--input_size must be a multiple of 2^depth).")
 flags.DEFINE_integer("unet_filters", _d.model.unet_filters, "U-Net channels at the first level, doubled at each deeper one.")
 flags.DEFINE_string("bn_momentum", str(_d.model.bn_momentum), "BatchNorm moving-statistics momentum; empty keeps the architecture's own (0.99).")
-# Data
+_section('Data')
 flags.DEFINE_string("data_dir", "", "User data (TFRecords or images + labels.csv); empty: the embedded dataset.")
 flags.DEFINE_string("cache_dir", _d.data.cache_dir, "Where the embedded dataset is made on first use.")
 flags.DEFINE_boolean("augment", _d.data.augment, "Random flips while training.")
 flags.DEFINE_boolean("skip_bad_records", _d.data.skip_bad_records, "Check every record when the data is opened and train without the bad ones (undecodable image, wrong-size image, wrong label width, corrupt TFRecord record, CSV row naming no file), counting them in the epoch report; without it a bad record stops the run naming file and record.")
 flags.DEFINE_integer("decoded_cache_mb", _d.data.decoded_cache_mb, "Decode the training and validation images once and keep them in memory when a split takes at most this many MB as float32 pixels at --input_size (0: decode every epoch).")
-# Optimizer
+_section('Optimizer')
 flags.DEFINE_string("optimizer", _d.optimizer.name, "sgd, momentum, adam, adamw or rmsprop.")
 flags.DEFINE_float("learning_rate", _d.optimizer.learning_rate, "Peak learning rate.")
 flags.DEFINE_float("momentum", _d.optimizer.momentum, "Momentum for momentum/rmsprop.")
@@ -44,11 +53,11 @@ flags.DEFINE_float("backbone_lr_multiplier", _d.optimizer.backbone_lr_multiplier
 flags.DEFINE_float("global_clipnorm", _d.optimizer.global_clipnorm, "Clip the replica-summed gradient to this global norm (0: off).")
 flags.DEFINE_float("clipnorm", _d.optimizer.clipnorm, "Clip each variable's replica-summed gradient to this norm (0: off).")
 flags.DEFINE_float("clipvalue", _d.optimizer.clipvalue, "Clip each replica-summed gradient element to [-v, v] (0: off). Order: clipvalue, clipnorm, global_clipnorm.")
-# Freeze
+_section('Freeze')
 flags.DEFINE_integer("unfreeze_at", _d.freeze.unfreeze_at, "Backbone frozen for the first N epochs, trained from epoch N+1 (0: from the start).")
 flags.DEFINE_string("unfreeze_layers", _d.freeze.unfreeze_layers, "What thaws: all, blocks:K (last K blocks) or regex:PATTERN.")
 flags.DEFINE_boolean("freeze_bn", _d.freeze.freeze_bn, "Keep backbone BatchNorm frozen after unfreezing.")
-# Loss
+_section('Loss')
 flags.DEFINE_string("loss", _d.loss.loss, "bce, weighted_bce, focal, fbeta, bce+fbeta, cce, sparse_cce; segmentation: ce (its default), dice, lovasz, ce+lovasz, ...")
 flags.DEFINE_string("pos_weight", "", "weighted_bce: 'auto' (from label density), 'w1,w2,...' or empty.")
 flags.DEFINE_float("focal_gamma", _d.loss.focal_gamma, "Focal loss gamma.")
@@ -56,7 +65,7 @@ flags.DEFINE_float("focal_alpha", _d.loss.focal_alpha, "Focal loss alpha.")
 flags.DEFINE_float("fbeta", _d.loss.fbeta, "Beta of the F-beta loss and metrics.")
 flags.DEFINE_float("fbeta_weight", _d.loss.fbeta_weight, "Weight of fbeta in bce+fbeta.")
 flags.DEFINE_float("label_smoothing", _d.loss.label_smoothing, "Label smoothing for cross-entropy.")
-# Run
+_section('Run')
 flags.DEFINE_string("mode", "train", "train, eval, benchmark or export.")
 flags.DEFINE_string("model_dir", _d.train.model_dir, "Checkpoints, logs and flags; the same dir again resumes.")
 flags.DEFINE_integer("epochs", _d.train.epochs, "Number of epochs.")
@@ -84,7 +93,7 @@ flags.DEFINE_boolean("eval_with_ema", _d.train.eval_with_ema, "Also evaluate the
 flags.DEFINE_boolean("export_raw", _d.train.export_raw, "--mode=export writes the raw weights, not the EMA ones.")
 flags.DEFINE_string("export_from", _d.train.export_from, "--mode=export: best (model_dir/best/, the checkpoint --best_metric picked; the latest, with a note, when best/ is empty), latest (the newest in model_dir/checkpoints/) or a checkpoint path prefix (e.g. runs/x/checkpoints/ckpt-120).")
 flags.DEFINE_string("threshold_objective", _d.train.threshold_objective, "What each label's decision threshold is searched to maximise on the validation split: per_label (each label's own F-beta, independently) or samples (the mean per-image F-beta, labels coupled; can leave a rare label never predicted).")
-# Training health
+_section('Training health')
 flags.DEFINE_integer("max_bad_steps", _d.train.max_bad_steps, "Steps whose loss or gradients are not finite are skipped (nothing changes); after this many in a row, roll back to the last good checkpoint (0: never roll back).")
 flags.DEFINE_integer("max_rollbacks", _d.train.max_rollbacks, "Rollbacks allowed before the run stops with a diagnosis naming the first non-finite layer.")
 flags.DEFINE_float("max_loss_ratio", _d.train.max_loss_ratio, "A train call's mean loss or the val loss above this many times the prevalence baseline's val loss counts as divergence, like --max_bad_steps: roll back, then stop with a diagnosis (0: off).")
@@ -97,11 +106,13 @@ flags.DEFINE_integer("plateau_patience", _d.train.plateau_patience, "Multiply th
 flags.DEFINE_float("plateau_factor", _d.train.plateau_factor, "Learning rate factor of --plateau_patience.")
 flags.DEFINE_string("mixed_precision", _d.train.mixed_precision, "float32, bfloat16 or float16 (Keras mixed policies: float32 weights and logits; float16 with dynamic loss scaling in the train step).")
 flags.DEFINE_boolean("jit_compile", _d.train.jit_compile, "XLA-compile each replica's forward/backward pass (one replica only; off by default: about 6x slower for MobileNetV2 on this CPU).")
-# Benchmark (--mode=benchmark)
+_section('Benchmark (--mode=benchmark)')
 flags.DEFINE_float("benchmark_window_s", _d.benchmark.window_s, "Minimum length of each timed window, seconds.")
 flags.DEFINE_integer("benchmark_windows", _d.benchmark.windows, "Timed windows per arm.")
 flags.DEFINE_string("benchmark_input", _d.benchmark.input, "synthetic (one in-memory batch), real (the training pipeline) or both (alternated).")
 flags.DEFINE_string("benchmark_compare", _d.benchmark.compare, "none, or a comma list of: keras_fit (Keras model.fit, same model and data), ema (EMA on vs off), frozen (frozen vs unfrozen phase), mirrored1 (one-replica MirroredStrategy vs default), k1 (1 step per call vs --steps_per_loop); all timed side by side, alternated.")
+
+_section("")  # the end of the last section
 
 # The names the benchmark issue and users type: --compare=keras_fit, --input=real.
 _ALIASES = {"compare": "benchmark_compare", "input": "benchmark_input"}
@@ -192,3 +203,34 @@ def effective_flags(f=flags.FLAGS) -> str:
     """This module's flags as a flagfile: `--flagfile=<it>` repeats the run (in any --mode)."""
     return "\n".join(flag.serialize() for flag in f.get_flags_for_module(__name__)
                      if flag.name not in _ALIASES and flag.name not in NOT_SAVED) + "\n"
+
+
+# What `--help` shows: the flags of the README, by section. `--helpfull` shows all.
+KEY_FLAGS = ("backbone", "input_size", "weights", "task", "data_dir", "optimizer",
+             "learning_rate", "unfreeze_at", "unfreeze_layers", "loss", "mode", "model_dir",
+             "epochs", "batch_size", "steps_per_epoch", "seed", "deterministic", "strategy",
+             "num_virtual_cpus", "init_checkpoint", "allow_changed", "ema_decay", "export_from",
+             "threshold_objective", "overwrite", "predict_input", "predict_output",
+             "predict_model", "calibrate_bn_steps")
+
+
+def help_text(full: bool, f=flags.FLAGS) -> str:
+    """Flags grouped by section: the key ones (full=False) or all of them."""
+    lines = ["usage: python train_main.py [--flag=value ...] [--flagfile=FILE]",
+             "  e.g. python train_main.py --backbone=inceptionv3 --unfreeze_at=5",
+             "       python train_main.py --mode=eval --flagfile=runs/default/flags.txt", ""]
+    for (title, before), (_, after) in zip(_SECTIONS, _SECTIONS[1:]):
+        names = [n for n in f if n not in before and n in after and n not in _ALIASES]
+        names = [n for n in dict.fromkeys(names) if full or n in KEY_FLAGS]
+        if not names:
+            continue
+        lines.append(f"{title}:")
+        for name in names:
+            flag = f[name]
+            default = flag.default_as_str or "''"
+            lines.append(f"  --{name} (default {default})")
+            lines.append(f"      {flag.help}")
+        lines.append("")
+    lines.append("--helpfull lists every flag." if not full else
+                 "--flagfile=FILE reads flags from a file (later flags win).")
+    return "\n".join(lines) + "\n"

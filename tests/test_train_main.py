@@ -89,3 +89,13 @@ def test_readme_flagfile_commands_evaluate_and_export_and_a_failed_run_keeps_fla
     assert changed.returncode == 2
     assert "--allow_changed=optimizer" in changed.stderr.splitlines()[-1]
     assert (run / "flags.txt").read_text() == flags_txt
+
+
+def test_help_shows_the_key_flags_by_section_and_helpfull_all_of_them():
+    short = _run("--help", timeout=60)
+    assert short.returncode == 0, short.stderr
+    assert "Model:\n  --backbone" in short.stdout and "--unfreeze_at" in short.stdout
+    assert "--histogram_every" not in short.stdout
+    full = _run("--helpfull", timeout=60)
+    assert full.returncode == 0
+    assert "Training health:" in full.stdout and "--histogram_every" in full.stdout
