@@ -41,7 +41,7 @@ def main(_):
                                       progress=False, keep_checkpoints=2))
     trainer = Trainer(config)
     trainer.restore()
-    trainer._enter_phase(freeze.UNFROZEN)
+    trainer.enter_phase(freeze.UNFROZEN)
     data = trainer.data.train_dataset(epoch=0, global_batch=FLAGS.batch_size,
                                       input_size=config.model.input_size, seed=0).repeat()
     iterator = iter(data)

@@ -86,7 +86,7 @@ def main(argv):
                                       model_dir="/tmp/tapeworks_profile_step", progress=False,
                                       summary_every=0)).validated()
     trainer = Trainer(config)
-    trainer._enter_phase(freeze.UNFROZEN)
+    trainer.enter_phase(freeze.UNFROZEN)
     batch = next(iter(trainer.data.train_dataset(epoch=0, global_batch=FLAGS.batch_size,
                                                  input_size=FLAGS.input_size, seed=0)))
     synthetic = tf.data.Dataset.from_tensors(batch).repeat()

@@ -459,7 +459,7 @@ def _run(config: Config) -> List[Dict[str, object]]:
     trainer = Trainer(config)
     c = trainer.config
     phase = freeze.FROZEN if c.freeze.unfreeze_at > 0 else freeze.UNFROZEN
-    trainer._enter_phase(phase)
+    trainer.enter_phase(phase)
     build_s = time.perf_counter() - tic
 
     k = c.train.steps_per_loop
@@ -498,7 +498,7 @@ def _run(config: Config) -> List[Dict[str, object]]:
     if "ema" in compares:
         decay = 0.0 if c.train.ema_decay else EMA_DECAY
         other = Trainer(variant(ema_decay=decay))
-        other._enter_phase(phase)
+        other.enter_phase(phase)
         arm = _EngineArm(f"engine/ema={decay or 'off'}", SYNTHETIC, other, synthetic, k)
         arms.append(arm)
         on, off = (arm.name, REFERENCE) if decay else (REFERENCE, arm.name)
@@ -507,7 +507,7 @@ def _run(config: Config) -> List[Dict[str, object]]:
     if "frozen" in compares:
         other_phase = freeze.UNFROZEN if phase == freeze.FROZEN else freeze.FROZEN
         other = Trainer(variant())
-        other._enter_phase(other_phase)
+        other.enter_phase(other_phase)
         arm = _EngineArm(f"engine/{other_phase}", SYNTHETIC, other, synthetic, k)
         arms.append(arm)
         frozen, unfrozen = ((arm.name, REFERENCE) if other_phase == freeze.FROZEN
@@ -518,7 +518,7 @@ def _run(config: Config) -> List[Dict[str, object]]:
         device = "/gpu:0" if tf.config.list_logical_devices("GPU") else "/cpu:0"
         with _trainer_strategy(distribute.mirrored_strategy([device])):
             other = Trainer(variant(strategy="mirrored"))
-        other._enter_phase(phase)
+        other.enter_phase(phase)
         arm = _EngineArm("engine/mirrored1", SYNTHETIC, other, synthetic, k)
         arms.append(arm)
         ratios.append((arm.name, "mirrored1_over_default",

@@ -54,12 +54,15 @@ from models import backbone_blocks, build_model
 
 
 class Trainer:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, strategy=None):
+        """strategy: a tf.distribute strategy to build under instead of the one
+        --strategy names (the benchmark compares strategies side by side)."""
         self.config = config.validated()
         c = self.config
         self.model_dir = os.path.abspath(os.path.expanduser(c.train.model_dir))
         _seed_everything(c.train.seed, c.train.deterministic)
-        self.strategy = distribute.make_strategy(c.train.strategy, c.train.num_virtual_cpus)
+        self.strategy = strategy or distribute.make_strategy(c.train.strategy,
+                                                             c.train.num_virtual_cpus)
         self.num_workers, self.worker_index, self.is_chief = distribute.worker_info(self.strategy)
         self.local_replicas = distribute.local_replica_count(self.strategy)
         distribute.check_global_batch(c.train.batch_size, self.strategy)
@@ -378,7 +381,7 @@ class Trainer:
         with self.stop_signals:
             while int(self.epoch.numpy()) < c.train.epochs:
                 epoch = int(self.epoch.numpy())
-                self._enter_phase(freeze.phase_for_epoch(epoch, c.freeze.unfreeze_at))
+                self.enter_phase(freeze.phase_for_epoch(epoch, c.freeze.unfreeze_at))
                 try:
                     train_stats = self._run_epoch()
                     result = {**train_stats, **self._evaluate_while_training()}
@@ -399,7 +402,7 @@ class Trainer:
                     break
         return result
 
-    def _enter_phase(self, phase: str) -> None:
+    def enter_phase(self, phase: str) -> None:
         """Applies the phase's trainable set and traces its step, once."""
         if phase == self.phase:
             return
@@ -427,6 +430,14 @@ class Trainer:
             self.log.line(f"phase: {phase} ({sum(len(v) for v in phase_variables.values())} "
                           f"trainable variables)")
 
+    def run_steps(self, iterator, num_steps: int):
+        """Runs num_steps traced train steps of the current phase from iterator.
+
+        Returns (mean loss of the good steps, last global gradient norm) as
+        tensors, with no host sync: the benchmark times exactly this.
+        """
+        return self.train_loop(iterator, tf.constant(num_steps, tf.int32))
+
     def _run_epoch(self) -> Dict[str, float]:
         """Runs the rest of the current epoch, from the saved position on."""
         c = self.config
@@ -451,7 +462,7 @@ class Trainer:
             tic = time.perf_counter()
             bad_before = int(self.guard.bad_steps.numpy())
             with self._summary_writer(), self._naming_bad_records("train"):
-                loss, norm = self.train_loop(iterator, tf.constant(k, tf.int32))
+                loss, norm = self.run_steps(iterator, k)
                 loss = float(loss)  # one host sync per call
             bad = int(self.guard.bad_steps.numpy()) - bad_before
             in_a_row = int(self.guard.consecutive.numpy())

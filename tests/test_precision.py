@@ -51,7 +51,7 @@ def test_float16_trains_like_float32_and_an_overflow_is_skipped_not_counted_bad(
     for precision in ("float32", "float16"):
         trainer = Trainer(_config(tmp_path, embedded_cache, precision))
         trainer.restore()
-        trainer._enter_phase(freeze.UNFROZEN)
+        trainer.enter_phase(freeze.UNFROZEN)
         runs[precision] = (trainer, [trainer._run_epoch()["loss"] for _ in range(2)])
     assert keras.config.dtype_policy().name == "float32"  # the Trainer left it as it was
     t16, losses16 = runs["float16"]

@@ -34,7 +34,7 @@ def test_loss_falls(tmp_path, embedded_cache):
                   optimizer=OptimizerConfig(name="adam", learning_rate=0.003, schedule="constant"))
     trainer = Trainer(cfg)
     trainer.restore()
-    trainer._enter_phase(freeze.UNFROZEN)
+    trainer.enter_phase(freeze.UNFROZEN)
     first = trainer._run_epoch()["loss"]
     trainer._run_epoch()
     last = trainer._run_epoch()["loss"]
@@ -46,7 +46,7 @@ def test_unfreeze_switch_keeps_head_slots_and_starts_backbone(tmp_path, embedded
     trainer.restore()
     backbone = trainer.model.get_layer("backbone")
     before = _values(backbone.weights)  # kernels, gamma/beta and BN moving statistics
-    trainer._enter_phase(freeze.FROZEN)
+    trainer.enter_phase(freeze.FROZEN)
     trainer._run_epoch()
     trainer._run_epoch()
     for a, b in zip(before, _values(backbone.weights)):
@@ -55,7 +55,7 @@ def test_unfreeze_switch_keeps_head_slots_and_starts_backbone(tmp_path, embedded
     head_slots = {k: np.array(v.numpy()) for k, v in trainer.groups["head"].slots.items()}
     assert any(np.any(v != 0) for v in head_slots.values())
     assert int(trainer.groups["backbone"].optimizer.iterations.numpy()) == 0
-    trainer._enter_phase(freeze.UNFROZEN)
+    trainer.enter_phase(freeze.UNFROZEN)
     for k, v in trainer.groups["head"].slots.items():
         np.testing.assert_array_equal(v.numpy(), head_slots[k])  # carried over unchanged
     for v in trainer.groups["backbone"].slots.values():
@@ -93,9 +93,9 @@ def test_keras_optimizer_fails_at_unfreeze_where_the_engine_does_not(tmp_path, e
     # The engine, same model family and switch: no error, backbone trains.
     trainer = Trainer(_config(tmp_path, embedded_cache))
     trainer.restore()
-    trainer._enter_phase(freeze.FROZEN)
+    trainer.enter_phase(freeze.FROZEN)
     trainer._run_epoch()
-    trainer._enter_phase(freeze.UNFROZEN)
+    trainer.enter_phase(freeze.UNFROZEN)
     trainer._run_epoch()
     assert int(trainer.groups["backbone"].optimizer.iterations.numpy()) == 6
 
