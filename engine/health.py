@@ -27,6 +27,8 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
+from engine.variables import as_tf_variable
+
 
 class TrainingDiverged(ValueError):
     """The run gave up on non-finite steps; the message names where they come from."""
@@ -405,7 +407,7 @@ def diagnose(model, loss_fn, images, labels, global_batch: int, keys: Dict[int, 
         return "the loss is not finite although every activation is"
     outputs = [t for _, t in records]
     out_grads = tape.gradient(loss, outputs)
-    weight_grads = tape.gradient(loss, [v.value if hasattr(v, "value") else v for v in trainable])
+    weight_grads = tape.gradient(loss, [as_tf_variable(v) for v in trainable])
     del tape
     layer_of = {}
     for path, layer in _leaf_layers(model):

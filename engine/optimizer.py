@@ -27,6 +27,7 @@ import keras
 import tensorflow as tf
 
 from engine.config import OptimizerConfig
+from engine.variables import as_tf_variable
 
 
 class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
@@ -79,7 +80,7 @@ class _Shifted(keras.optimizers.schedules.LearningRateSchedule):
 
 def _handle(variable):
     """The resource handle of a Keras or TF variable (under a strategy update: this device's)."""
-    return (variable.value if isinstance(variable, keras.Variable) else variable).handle
+    return as_tf_variable(variable).handle
 
 
 class FusedAdam(keras.optimizers.Adam):

@@ -21,6 +21,8 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
+from engine.variables import as_tf_variable
+
 _SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
 
 
@@ -122,7 +124,7 @@ class TrainingState:
             *parents, leaf = key.split("/")
             for p in parents:
                 node = node.setdefault(p, {})
-            node[leaf] = _as_tf_variable(v)
+            node[leaf] = as_tf_variable(v)
         return tf.train.Checkpoint(**tree)
 
     def restore(self, path: str, *, include: Sequence[str] = (),
@@ -170,11 +172,6 @@ class TrainingState:
 
     def values(self) -> Dict[str, np.ndarray]:
         return {k: np.array(v.numpy()) for k, v in self._vars.items()}
-
-
-def _as_tf_variable(v):
-    # Keras 3 variables wrap a tf.Variable; the checkpoint wants the trackable one.
-    return getattr(v, "value", v) if not isinstance(v, tf.Variable) else v
 
 
 def _selected(key: str, include: Sequence[str], exclude: Sequence[str]) -> bool:

@@ -37,6 +37,7 @@ import tensorflow as tf
 from engine.health import StepGuard, StepSummaries
 from engine.optimizer import ParamGroup, clip_gradients
 from engine.precision import DynamicLossScale
+from engine.variables import as_tf_variable
 
 
 def _local_slice(tensors, local_replicas: int):
@@ -103,7 +104,7 @@ def make_train_loop(*, model, loss_fn: Callable, groups: Dict[str, ParamGroup],
     names = [n for n in groups if phase_variables.get(n)]
     variables = [v for n in names for v in phase_variables[n]]
     # The tape wants tf.Variables; Keras 3 variables wrap one in `.value`.
-    watched = [v.value if not isinstance(v, tf.Variable) else v for v in variables]
+    watched = [as_tf_variable(v) for v in variables]
     # Which variables got a gradient is known when the step is traced (None
     # is a graph-structure fact); replica_forward records it here, and those
     # without one are left out of the all-reduce and the apply, as Keras does:
@@ -119,7 +120,7 @@ def make_train_loop(*, model, loss_fn: Callable, groups: Dict[str, ParamGroup],
 
     def replica_forward(images, labels):
         images, labels = _local_slice((images, labels), local_replicas)
-        before = [_tf_variable(v).read_value() for v in written]
+        before = [as_tf_variable(v).read_value() for v in written]
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             # Watch only what trains: a frozen backbone's forward pass is then
             # not recorded at all, so a frozen step costs about a forward pass.
@@ -139,7 +140,7 @@ def make_train_loop(*, model, loss_fn: Callable, groups: Dict[str, ParamGroup],
         # variable, not an elementwise check: a NaN or inf anywhere makes the
         # total non-finite, and the guard costs few ops per step.)
         stats_bad = tf.constant(0.0)
-        sums = [tf.reduce_sum(tf.cast(_tf_variable(v).read_value(), tf.float32))
+        sums = [tf.reduce_sum(tf.cast(as_tf_variable(v).read_value(), tf.float32))
                 for v in written if tf.as_dtype(v.dtype).is_floating]
         if sums:
             stats_bad = 1.0 - tf.cast(tf.math.is_finite(tf.add_n(sums)), tf.float32)
@@ -235,10 +236,6 @@ def holds_xla_function(concrete_function) -> bool:
     graph = concrete_function.graph.as_graph_def()
     return any(must(node.attr) for node in graph.node) or any(
         must(f.attr) or any(must(n.attr) for n in f.node_def) for f in graph.library.function)
-
-
-def _tf_variable(v):
-    return v.value if not isinstance(v, tf.Variable) else v
 
 
 def make_eval_batch(*, model, loss_fn: Callable, strategy, local_replicas: int,
