@@ -59,6 +59,7 @@ flags.DEFINE_float("label_smoothing", _d.loss.label_smoothing, "Label smoothing 
 # Run
 flags.DEFINE_string("mode", "train", "train, eval, benchmark or export.")
 flags.DEFINE_string("model_dir", _d.train.model_dir, "Checkpoints, logs and flags; the same dir again resumes.")
+flags.DEFINE_boolean("overwrite", _d.train.overwrite, "Start fresh on a --model_dir that holds an earlier run's results but no checkpoint to resume, moving them to model_dir/overwritten/<UTC time>/ (never deleted). A resumable checkpoint is still resumed. Not saved in flags.txt.")
 flags.DEFINE_integer("epochs", _d.train.epochs, "Number of epochs.")
 flags.DEFINE_integer("batch_size", _d.train.batch_size, "Global batch size over all replicas.")
 flags.DEFINE_integer("steps_per_epoch", _d.train.steps_per_epoch, "Cap on steps per epoch (0: the whole split).")
@@ -165,13 +166,19 @@ def config_from_flags(f=flags.FLAGS) -> Config:
             bad_step_lr_factor=f.bad_step_lr_factor, summary_every=f.summary_every,
             histogram_every=f.histogram_every, image_every=f.image_every,
             early_stop_patience=f.early_stop_patience, plateau_patience=f.plateau_patience,
-            plateau_factor=f.plateau_factor),
+            plateau_factor=f.plateau_factor, overwrite=f.overwrite),
         benchmark=BenchmarkConfig(window_s=f.benchmark_window_s, windows=f.benchmark_windows,
                                   input=f.benchmark_input, compare=f.benchmark_compare or "none"),
     ).validated()
 
 
+# What one command asks for, not what the run is: `--mode=eval --flagfile=RUN/flags.txt`
+# must evaluate (a saved --mode=train would come later and win), and a saved
+# --overwrite would let a later `--flagfile` command move the run aside.
+_NOT_SAVED = {"mode", "overwrite"}
+
+
 def effective_flags(f=flags.FLAGS) -> str:
     """This module's flags as a flagfile: `--flagfile=<it>` repeats the run."""
     return "\n".join(flag.serialize() for flag in f.get_flags_for_module(__name__)
-                     if flag.name not in _ALIASES) + "\n"
+                     if flag.name not in _ALIASES and flag.name not in _NOT_SAVED) + "\n"

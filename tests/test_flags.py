@@ -68,3 +68,15 @@ def test_benchmark_aliases_set_the_benchmark_flags_and_stay_out_of_flags_txt(par
     text = engine_flags.effective_flags(FLAGS)
     assert "--benchmark_compare=keras_fit" in text and "--benchmark_input=real" in text
     assert "\n--compare=" not in text and "\n--input=" not in text
+
+
+def test_mode_and_overwrite_stay_out_of_flags_txt(parse, tmp_path):
+    """They say what one command asks for: `--mode=eval --flagfile=RUN/flags.txt` evaluates,
+    and a run repeated from its flags.txt never moves anything aside."""
+    c = parse("--overwrite", "--epochs=3")
+    assert c.train.overwrite
+    path = tmp_path / "flags.txt"
+    path.write_text(engine_flags.effective_flags(FLAGS))
+    assert "--mode=" not in path.read_text() and "overwrite" not in path.read_text()
+    c = parse("--mode=eval", f"--flagfile={path}")
+    assert FLAGS.mode == "eval" and not c.train.overwrite and c.train.epochs == 3
