@@ -75,12 +75,20 @@ def repair_state_file(directory: str) -> bool:
     tf.train.CheckpointManager learns which checkpoints exist (and which to
     delete beyond --keep_checkpoints) only from the state file; without this,
     checkpoints it does not list would never be rotated away and
-    `tf.train.latest_checkpoint` would not find them. Returns True if it
-    wrote. The write is atomic (a temporary file renamed into place).
+    `tf.train.latest_checkpoint` would not find them (and a state file that
+    is not UTF-8 makes the manager fail). Returns True if it changed
+    anything. The write is atomic (a temporary file renamed into place); a
+    garbled file listing nothing is kept as `checkpoint.unreadable`.
     """
     paths = list_checkpoints(directory)
     listed, intact = _read_state_file(directory)
-    if not paths or (intact and {_join(directory, p) for p in listed} == set(paths)):
+    state_file = os.path.join(directory, STATE_FILE)
+    if not paths:
+        if intact or not os.path.exists(state_file):
+            return False
+        os.replace(state_file, state_file + ".unreadable")
+        return True
+    if intact and {_join(directory, p) for p in listed} == set(paths):
         return False
     oldest_first = list(reversed(paths))
     stamps = [_mtime(p + ".index") for p in oldest_first]
@@ -89,7 +97,7 @@ def repair_state_file(directory: str) -> bool:
     lines += [f"all_model_checkpoint_timestamps: {t!r}" for t in stamps]
     # Every checkpoint newer than this is one the manager may delete in turn.
     lines.append(f"last_preserved_timestamp: {min(stamps) - 1.0!r}")
-    write_atomically(os.path.join(directory, STATE_FILE), "\n".join(lines) + "\n")
+    write_atomically(state_file, "\n".join(lines) + "\n")
     return True
 
 

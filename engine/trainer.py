@@ -32,7 +32,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from engine import distribute, freeze, precision
+from engine import distribute, freeze, precision, run_dir
 from engine.callbacks import EpochCallbacks
 from engine.health import StepGuard, StepSummaries, TrainingDiverged, diagnose, first_non_finite, \
     make_state_check
@@ -41,7 +41,7 @@ from engine.data import open_data
 from engine.ema import EMA
 from engine.losses import make_loss, parse_pos_weight
 from engine.evaluation import Evaluation
-from engine.preemption import Preempted, StopSignals
+from engine.preemption import Preempted, StopSignals, stopped_before_training
 from engine.optimizer import make_param_groups, make_schedule
 from engine.state import StateError, TrainingState, checkpoint_is_readable, existing_checkpoints, \
     model_variable_keys
@@ -51,9 +51,12 @@ from models import backbone_blocks, build_model
 
 
 class Trainer:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, stop_signals: Optional[StopSignals] = None):
+        """stop_signals: the SIGTERM/SIGINT handler train_main installed at process start
+        (None: the training loop installs its own)."""
         self.config = config.validated()
         c = self.config
+        self.stop_signals = stop_signals or StopSignals()
         self.model_dir = os.path.abspath(os.path.expanduser(c.train.model_dir))
         _seed_everything(c.train.seed, c.train.deterministic)
         self.strategy = distribute.make_strategy(c.train.strategy, c.train.num_virtual_cpus)
@@ -125,11 +128,7 @@ class Trainer:
         self._state_is_finite = make_state_check([self.state[k] for k in self._checked_keys])
         self._initial_state: Optional[str] = None  # rollback target before the first checkpoint
         self._rollbacks_since_save = 0  # each one without a new checkpoint goes one further back
-        self.manager = tf.train.CheckpointManager(
-            self.checkpoint, os.path.join(self._write_dir(), "checkpoints"),
-            max_to_keep=c.train.keep_checkpoints)
-        self.best_manager = tf.train.CheckpointManager(
-            self.checkpoint, os.path.join(self._write_dir(), "best"), max_to_keep=1)
+        self._managers = None  # made on first use (see manager)
         self.loss_fn = make_loss(
             c.loss.loss, num_labels=self.data.num_labels,
             pos_weight=parse_pos_weight(c.loss.pos_weight, self.data.num_labels,
@@ -147,7 +146,6 @@ class Trainer:
             keys=self.keys, every=c.train.summary_every, histogram_every=c.train.histogram_every,
             image_every=c.train.image_every, label_names=getattr(self.data, "label_names", ()),
             multiclass=c.model.task == "multiclass")
-        self.stop_signals = StopSignals()
         self._stop_vote = None  # several workers: the traced all-reduce that makes them agree
         self.evaluation = Evaluation(
             model=self.model, loss_fn=self.loss_fn, strategy=self.strategy,
@@ -155,6 +153,32 @@ class Trainer:
             batch_size=c.train.batch_size, fbeta=c.loss.fbeta,
             multiclass=c.model.task == "multiclass", task=c.model.task, report=self.log.line,
             thresholds_path=os.path.join(self.model_dir, "thresholds.json"))
+
+    def _checkpoint_managers(self):
+        """(rolling, best) checkpoint managers, made on first use.
+
+        A manager reads its directory's state file once, when made (and fails
+        on one that is not UTF-8), so train() repairs that file first; eval
+        and export never make one.
+        """
+        if self._managers is None:
+            directory = self._write_dir()
+            self._managers = (
+                tf.train.CheckpointManager(self.checkpoint, os.path.join(directory, "checkpoints"),
+                                           max_to_keep=self.config.train.keep_checkpoints),
+                tf.train.CheckpointManager(self.checkpoint, os.path.join(directory, "best"),
+                                           max_to_keep=1))
+        return self._managers
+
+    @property
+    def manager(self) -> tf.train.CheckpointManager:
+        """The rolling checkpoints (--keep_checkpoints)."""
+        return self._checkpoint_managers()[0]
+
+    @property
+    def best_manager(self) -> tf.train.CheckpointManager:
+        """best/: one checkpoint, the best by --best_metric."""
+        return self._checkpoint_managers()[1]
 
     def _write_dir(self) -> str:
         """The chief writes to model_dir; other workers to a scratch place, as TF expects."""
@@ -172,10 +196,12 @@ class Trainer:
                 pass
 
     # --------------------------------------------------------------- restore
-    def restore(self) -> str:
+    def restore(self, *, starting: bool = False) -> str:
         """Resumes from the newest readable checkpoint, else warm starts, else fresh.
 
-        Returns what happened, as a line for the log.
+        starting: a training run is taking model_dir over; a fresh start over
+        an earlier run's results then needs --overwrite, which moves them
+        aside (engine/run_dir.py). Returns what happened, as a line for the log.
         """
         c = self.config
         skipped = []
@@ -193,14 +219,21 @@ class Trainer:
             note = "".join(f"WARNING: checkpoint {p} is unreadable (cut short?); skipped. "
                            for p in skipped)
             return note + "resumed: " + report.summary()
-        if skipped:
+        if skipped and not (starting and c.train.overwrite):
+            names = ", ".join(os.path.basename(p) for p in skipped)
             raise StateError(f"no readable checkpoint in {self.model_dir}/checkpoints "
-                             f"({len(skipped)} unreadable)")
+                             f"({len(skipped)} unreadable: {names}); to start fresh, train with "
+                             f"--overwrite (it moves them aside) or use another --model_dir")
+        moved = None
+        if starting:
+            moved = run_dir.prepare_fresh_start(self.model_dir, overwrite=c.train.overwrite,
+                                                move=self.is_chief, shown=c.train.model_dir)
+        note = f" (the earlier run's files were moved to {moved})" if moved else ""
         self._init_head_bias_to_prior()
         if c.train.init_checkpoint:
             report = self._warm_start(c.train.init_checkpoint)
-            return "warm start: " + report
-        return "fresh start"
+            return "warm start: " + report + note
+        return "fresh start" + note
 
     def _init_head_bias_to_prior(self) -> None:
         """Starts each label's logit at its training prevalence.
@@ -235,11 +268,21 @@ class Trainer:
         return summary
 
     # ----------------------------------------------------------------- train
-    def train(self) -> Dict[str, float]:
+    def train(self, flags_text: Optional[str] = None) -> Dict[str, float]:
+        """Trains to --epochs from where model_dir's checkpoints left off.
+
+        flags_text: written to model_dir/flags.txt once restore has taken the
+        dir over, so a run refused because of an earlier run's results leaves
+        that run's flags.txt as it was.
+        """
         c = self.config
+        self._stop_before_training(restored=False)
         os.makedirs(self.model_dir, exist_ok=True)
         self._remove_partial_saves()
-        self.log.line(self.restore())
+        self.log.line(self.restore(starting=True))
+        if flags_text is not None and self.is_chief:
+            run_dir.write_atomically(os.path.join(self.model_dir, "flags.txt"), flags_text)
+        self._stop_before_training()
         self.evaluation.check_model()  # warnings go to the log through its report callback
         self.log.line(f"data: {self.data.description}; {self.steps_per_epoch} steps/epoch "
                       f"of {c.train.batch_size}; replicas: {self.strategy.num_replicas_in_sync}")
@@ -256,6 +299,7 @@ class Trainer:
             self.log.line(stopped + "; nothing left to train")
             self.log.close()
             return result
+        self._stop_before_training()
         self._keep_initial_state()
         with self.stop_signals:
             while int(self.epoch.numpy()) < c.train.epochs:
@@ -282,6 +326,17 @@ class Trainer:
         self._drop_initial_state()
         self.log.close()
         return result
+
+    def _stop_before_training(self, restored: bool = True) -> None:
+        """Between setup stages: a stop asked for before the loop runs ends the run here.
+
+        Nothing is being written between stages and nothing trained yet, so
+        there is nothing to save (train_main: exit 75).
+        """
+        requested = self.stop_signals.requested
+        if requested:
+            raise stopped_before_training(
+                requested, int(self.global_step.numpy()) if restored else None)
 
     def _enter_phase(self, phase: str) -> None:
         """Applies the phase's trainable set and traces its step, once."""
@@ -392,10 +447,14 @@ class Trainer:
             self.log.scalars("train", {"health/steps_per_sec": steps_per_sec}, step)
 
     # ------------------------------------------------------------------ eval
-    def evaluate(self) -> Dict[str, float]:
-        """Validation loss and metrics (and the EMA model's, when EMA is on)."""
+    def evaluate(self, save: bool = True) -> Dict[str, float]:
+        """Validation loss and metrics (and the EMA model's, when EMA is on).
+
+        save: write the searched thresholds to model_dir/thresholds.json
+        (False for --mode=eval, which writes nothing into model_dir).
+        """
         with self._naming_bad_records("val"):
-            out = self.evaluation.run("val", save=self.is_chief)
+            out = self.evaluation.run("val", save=save and self.is_chief)
             if self.ema is not None and self.config.train.eval_with_ema:
                 with self.ema.swapped():
                     out.update(self.evaluation.run("val_ema", save=False))
@@ -461,18 +520,32 @@ class Trainer:
             key = first_non_finite({k: self.state[k].numpy() for k in self._checked_keys})
             raise _BadSteps(f"{key} is not finite at step {int(self.global_step.numpy())} "
                             f"(an update overflowed)")
-        manager.save(checkpoint_number=int(self.global_step.numpy()))
+        try:
+            manager.save(checkpoint_number=int(self.global_step.numpy()))
+        except (tf.errors.OpError, OSError):  # a full disk: leave nothing half-written
+            self._remove_failed_save(manager)
+            raise
         self._drop_worker_copy()
         if manager is self.manager:
             self._rollbacks_since_save = 0
 
     def _remove_partial_saves(self) -> None:
-        """Deletes what a save cut short by kill -9 left: ckpt-N_temp/ (never listed, never read)."""
+        """Deletes what writes cut short by kill -9 or a full disk left (ckpt-N_temp/, temporary
+        files: never listed, never read), and rewrites a lost or garbled checkpoint state file
+        from the checkpoints on disk, so keep-N rotation knows them again."""
         if not self.is_chief:
             return
+        run_dir.remove_leftovers(self.model_dir)
         for sub in ("checkpoints", "best"):
-            for path in tf.io.gfile.glob(os.path.join(self.model_dir, sub, "*_temp")):
-                tf.io.gfile.rmtree(path)
+            run_dir.repair_state_file(os.path.join(self.model_dir, sub))
+        self._managers = None  # made again from the repaired state files
+
+    def _remove_failed_save(self, manager) -> None:
+        """After a failed save: its temp dir, and its checkpoint files if they cannot be read."""
+        run_dir.remove_leftovers(self._write_dir())
+        prefix = os.path.join(manager.directory, f"ckpt-{int(self.global_step.numpy())}")
+        if os.path.exists(prefix + ".index") and not checkpoint_is_readable(prefix):
+            run_dir.remove_checkpoint_files(prefix)
 
     # ------------------------------------------------------------- rollback
     def _keep_initial_state(self) -> None:

@@ -81,6 +81,13 @@ def test_the_repaired_state_file_is_one_tensorflow_reads_and_rotates(tmp_path):
     assert not run_dir.repair_state_file(str(tmp_path))  # intact now: left alone
 
 
+def test_a_garbled_state_file_listing_nothing_is_kept_aside(tmp_path):
+    (tmp_path / "checkpoint").write_bytes(b"\xff\xfe not utf-8")
+    assert run_dir.repair_state_file(str(tmp_path))
+    assert os.listdir(tmp_path) == ["checkpoint.unreadable"]
+    assert not run_dir.repair_state_file(str(tmp_path))
+
+
 # ------------------------------------------------------------------ lock
 def test_one_training_run_holds_the_lock_and_is_named(tmp_path):
     with run_dir.lock_for_training(str(tmp_path / "run")):
