@@ -120,6 +120,7 @@ def _claim_model_dir(config, mode: str):
     if mode == "train" and run_dir.is_chief_task(config.train.strategy,
                                                  os.environ.get("TF_CONFIG")):
         lock = run_dir.lock_for_training(model_dir, shown=shown)
+        _warn(lock.warning)
         try:
             if not config.train.overwrite and not run_dir.list_checkpoints(
                     os.path.join(model_dir, "checkpoints")):
@@ -131,8 +132,15 @@ def _claim_model_dir(config, mode: str):
             raise
         return lock
     if mode in ("eval", "export"):
-        return run_dir.lock_for_reading(model_dir, shown=shown)
+        lock = run_dir.lock_for_reading(model_dir, shown=shown)
+        _warn(lock.warning)
+        return lock
     return contextlib.nullcontext()
+
+
+def _warn(line: Optional[str]) -> None:
+    if line:
+        print(line, file=sys.stderr)
 
 
 def _run_mode(config, mode: str, signals: Optional[StopSignals]) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import datetime
+import errno
 import fcntl
 import glob
 import json
@@ -29,7 +30,7 @@ import re
 import shutil
 import socket
 import time
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 STATE_FILE = "checkpoint"  # TensorFlow's name for a checkpoint directory's state file
 LOCK_FILE = ".lock"
@@ -39,6 +40,8 @@ OVERWRITTEN = "overwritten"
 _NEVER_MOVED = (LOCK_FILE, OVERWRITTEN, ".workers")
 _NEVER_MOVED_PREFIXES = (".rollback_worker_",)
 
+# flock errors of file systems without locks (some NFS setups, FUSE mounts such as gcsfuse).
+_CANNOT_LOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL)
 _STATE_ENTRY = re.compile(r'^(model_checkpoint_path|all_model_checkpoint_paths):\s*"(.*)"$')
 _STATE_OTHER = re.compile(r"^(all_model_checkpoint_timestamps|last_preserved_timestamp):\s*[0-9.eE+-]+$")
 _CHECKPOINT_INDEX = re.compile(r"^ckpt-(\d+)\.index$")
@@ -163,11 +166,16 @@ def _mtime(path: str) -> float:
 
 # ------------------------------------------------------------------ lock
 class RunDirLock:
-    """An flock held on model_dir/.lock until release() (or the process ends)."""
+    """An flock held on model_dir/.lock until release() (or the process ends).
 
-    def __init__(self, fd: Optional[int], path: str):
+    warning: set when the file system cannot lock (some network and FUSE
+    file systems): the run goes on unguarded rather than not at all.
+    """
+
+    def __init__(self, fd: Optional[int], path: str, warning: Optional[str] = None):
         self._fd = fd
         self.path = path
+        self.warning = warning
 
     def release(self) -> None:
         if self._fd is not None:
@@ -199,6 +207,11 @@ def lock_for_training(model_dir: str, shown: Optional[str] = None) -> RunDirLock
         os.close(fd)
         raise RunDirError(f"--model_dir={shown or model_dir} is in use by {holder}; wait for it "
                           f"to end or use another --model_dir") from None
+    except OSError as e:
+        os.close(fd)
+        if e.errno not in _CANNOT_LOCK:
+            raise
+        return RunDirLock(None, path, _unguarded(shown or model_dir, e))
     try:
         record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                              "started": _utc_now().strftime("%Y-%m-%dT%H:%M:%SZ")})
@@ -229,7 +242,17 @@ def lock_for_reading(model_dir: str, shown: Optional[str] = None) -> RunDirLock:
         os.close(fd)
         raise RunDirError(f"--model_dir={shown or model_dir} is in use by {holder}; wait for it "
                           f"to end (or evaluate a copy of its checkpoints/)") from None
+    except OSError as e:
+        os.close(fd)
+        if e.errno not in _CANNOT_LOCK:
+            raise
+        return RunDirLock(None, path, _unguarded(shown or model_dir, e))
     return RunDirLock(fd, path)
+
+
+def _unguarded(shown: str, e: OSError) -> str:
+    return (f"WARNING: --model_dir={shown}: the file system cannot lock ({e.strerror}); nothing "
+            f"stops a second run from writing into it at the same time")
 
 
 def _holder(fd: int) -> str:
@@ -363,15 +386,23 @@ def _utc_now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
 
 
-def remove_leftovers(model_dir: str) -> None:
+def remove_leftovers(model_dir: str, is_readable: Optional[Callable[[str], bool]] = None) -> None:
     """Deletes what writes cut short (kill -9, a full disk) leave: never listed, never read.
 
     Checkpoint temp dirs (ckpt-N_temp/), the state file's temporary copies,
     and this package's temporary files (flags.txt, metrics.csv, thresholds).
+    A save killed while merging its temp dir may also have left ckpt-N files
+    under their final names; with `is_readable` those that cannot be read
+    go too, so a run killed in its first save starts again instead of
+    stopping at a checkpoint that never was.
     """
     for pattern in ("checkpoints/*_temp", "best/*_temp", "checkpoints/checkpoint.tmp*",
                     "best/checkpoint.tmp*", "*.tmp-*", "metrics.csv.tmp", ".thresholds-*.json"):
         for path in glob.glob(os.path.join(glob.escape(model_dir), pattern)):
+            prefix = path[:-len("_temp")]
+            if path.endswith("_temp") and is_readable is not None \
+                    and os.path.exists(prefix + ".index") and not is_readable(prefix):
+                remove_checkpoint_files(prefix)
             if os.path.isdir(path):
                 shutil.rmtree(path, ignore_errors=True)
             else:

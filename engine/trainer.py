@@ -535,14 +535,14 @@ class Trainer:
         from the checkpoints on disk, so keep-N rotation knows them again."""
         if not self.is_chief:
             return
-        run_dir.remove_leftovers(self.model_dir)
+        run_dir.remove_leftovers(self.model_dir, is_readable=checkpoint_is_readable)
         for sub in ("checkpoints", "best"):
             run_dir.repair_state_file(os.path.join(self.model_dir, sub))
         self._managers = None  # made again from the repaired state files
 
     def _remove_failed_save(self, manager) -> None:
         """After a failed save: its temp dir, and its checkpoint files if they cannot be read."""
-        run_dir.remove_leftovers(self._write_dir())
+        run_dir.remove_leftovers(self._write_dir(), is_readable=checkpoint_is_readable)
         prefix = os.path.join(manager.directory, f"ckpt-{int(self.global_step.numpy())}")
         if os.path.exists(prefix + ".index") and not checkpoint_is_readable(prefix):
             run_dir.remove_checkpoint_files(prefix)

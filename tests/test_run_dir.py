@@ -88,6 +88,17 @@ def test_a_garbled_state_file_listing_nothing_is_kept_aside(tmp_path):
     assert not run_dir.repair_state_file(str(tmp_path))
 
 
+def test_a_save_cut_short_while_merging_leaves_nothing_behind(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    _fake_checkpoints(checkpoints, 2, 4)
+    (checkpoints / "ckpt-4_temp").mkdir()  # killed while merging ckpt-4: its index is garbage
+    (checkpoints / "checkpoint.tmp1234").write_text("half a state file")
+    (tmp_path / "flags.txt.tmp-99").write_text("half")
+    run_dir.remove_leftovers(str(tmp_path), is_readable=lambda prefix: prefix.endswith("-2"))
+    assert sorted(os.listdir(checkpoints)) == ["ckpt-2.data-00000-of-00001", "ckpt-2.index"]
+    assert os.listdir(tmp_path) == ["checkpoints"]
+
+
 # ------------------------------------------------------------------ lock
 def test_one_training_run_holds_the_lock_and_is_named(tmp_path):
     with run_dir.lock_for_training(str(tmp_path / "run")):
@@ -130,6 +141,17 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
         holder.wait()
     with run_dir.lock_for_training(str(tmp_path)):
         assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+
+
+def test_a_file_system_without_locks_runs_unguarded_with_a_warning(tmp_path, monkeypatch):
+    def cannot(fd, operation):
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(run_dir.fcntl, "flock", cannot)
+    for take in (run_dir.lock_for_training, run_dir.lock_for_reading):
+        with take(str(tmp_path)) as lock:
+            assert lock.warning.startswith(f"WARNING: --model_dir={tmp_path}: the file system "
+                                           f"cannot lock (No locks available)")
 
 
 @pytest.mark.parametrize("strategy,tf_config,chief", [
