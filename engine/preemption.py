@@ -42,7 +42,21 @@ class StopSignals:
         if self._depth == 1 and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handle)
+        else:
+            self.reinstall()
         return self
+
+    def reinstall(self) -> None:
+        """Puts the handler back on top, if entered.
+
+        MultiWorkerMirroredStrategy's coordination service installs its own
+        SIGTERM handler in C++ (TensorFlow's preemption notifier), which takes
+        the signal from Python without stopping the run: a worker sent SIGTERM
+        trained on to the end. The trainer calls this once the strategy exists.
+        """
+        if self._depth and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, self._handle)
 
     def __exit__(self, *exc):
         self._depth -= 1

@@ -60,6 +60,7 @@ class Trainer:
         self.model_dir = os.path.abspath(os.path.expanduser(c.train.model_dir))
         _seed_everything(c.train.seed, c.train.deterministic)
         self.strategy = distribute.make_strategy(c.train.strategy, c.train.num_virtual_cpus)
+        self.stop_signals.reinstall()  # a multi-worker strategy takes SIGTERM for itself
         self.num_workers, self.worker_index, self.is_chief = distribute.worker_info(self.strategy)
         self.local_replicas = distribute.local_replica_count(self.strategy)
         if c.train.jit_compile and self.strategy.num_replicas_in_sync > 1:
