@@ -56,20 +56,22 @@ class RunDirError(Exception):
 def list_checkpoints(directory: str) -> List[str]:
     """Checkpoint prefixes in directory, newest first: the state file's and those on disk.
 
-    The state file's order is kept for what it lists (it is the save order,
-    which after a rollback is not the step order). A checkpoint on disk that
-    it does not list comes first when its step is above the state file's
-    newest (a save cut off before the state file was updated), else after
-    them, by step. A missing or garbled state file lists nothing, so then all
-    go by step. Listed checkpoints whose files are gone stay listed: restore
-    reports them as unreadable instead of silently forgetting them.
+    An intact state file is TensorFlow's commit record: what it lists comes
+    first, in its order (the save order, which after a rollback is not the
+    step order, and which a user may edit to pick a checkpoint). Checkpoint
+    files it does not list follow, newest step first: leftovers, or a save
+    killed before its state file update (TensorFlow's own rule: not
+    committed). A missing or garbled state file lists nothing reliable, so
+    then every checkpoint on disk goes by step. Listed checkpoints whose
+    files are gone stay listed: restore reports them as unreadable instead
+    of silently forgetting them.
     """
-    listed, _ = _read_state_file(directory)
+    listed, intact = _read_state_file(directory)
     listed = _unique([_join(directory, p) for p in reversed(listed)])
-    unlisted = [p for p in _on_disk(directory) if p not in listed]
-    newest = _step(listed[0]) if listed else -1
-    return ([p for p in unlisted if _step(p) > newest] + listed
-            + [p for p in unlisted if _step(p) <= newest])
+    on_disk = _on_disk(directory)
+    if not intact:
+        return sorted(_unique(listed + on_disk), key=_step, reverse=True)
+    return listed + [p for p in on_disk if p not in listed]
 
 
 def repair_state_file(directory: str) -> bool:

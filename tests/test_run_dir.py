@@ -45,14 +45,20 @@ def test_checkpoints_are_found_without_a_usable_state_file(tmp_path, state):
     assert paths[0] == os.path.join(str(tmp_path), "ckpt-10")
 
 
-def test_the_state_file_order_wins_over_step_order_for_what_it_lists(tmp_path):
+def test_an_intact_state_file_keeps_its_order_and_files_it_does_not_list_follow(tmp_path):
     # After a rollback to ckpt-4 the run saved ckpt-6 again: the state file's save order
     # says ckpt-6 is newer than ckpt-8, whose weights led to the rollback.
     _fake_checkpoints(tmp_path, 4, 6, 8, 12, 1)
     _state_file(tmp_path, 4, 8, 6)
-    # ckpt-12 is not listed: a save cut off before the state file was updated (newest);
-    # ckpt-1 is not listed either: an older leftover (last).
-    assert _steps(run_dir.list_checkpoints(str(tmp_path))) == [12, 6, 8, 4, 1]
+    # ckpt-12 and ckpt-1 are not listed (a save killed before the state file update, an old
+    # leftover): found, but after what the state file committed, newest step first.
+    assert _steps(run_dir.list_checkpoints(str(tmp_path))) == [6, 8, 4, 12, 1]
+
+
+def test_a_garbled_state_file_is_not_trusted_for_order(tmp_path):
+    _fake_checkpoints(tmp_path, 4, 6, 8)
+    (tmp_path / "checkpoint").write_text('model_checkpoint_path: "ckpt-4"\n{{{ cut here')
+    assert _steps(run_dir.list_checkpoints(str(tmp_path))) == [8, 6, 4]
 
 
 def test_a_listed_checkpoint_whose_files_are_gone_stays_listed(tmp_path):
