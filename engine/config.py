@@ -170,6 +170,11 @@ class TrainConfig:
     # the Keras policy; XLA needs a hook in engine/steps.py, see there).
     mixed_precision: str = "float32"  # float32 | bfloat16 | float16 (loss-scaled; precision.py)
     jit_compile: bool = False  # XLA for the train step; slower on CPU (DESIGN.md)
+    # A fresh start over an earlier run's results (checkpoints none of which
+    # can be resumed, best/, export/, metrics.csv rows, thresholds.json) moves
+    # them to model_dir/overwritten/<UTC time>/ first; without it such a run
+    # stops. Never discards a checkpoint that can be resumed (engine/run_dir.py).
+    overwrite: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

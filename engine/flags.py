@@ -68,6 +68,7 @@ flags.DEFINE_float("label_smoothing", _d.loss.label_smoothing, "Label smoothing 
 _section('Run')
 flags.DEFINE_string("mode", "train", "train, eval, benchmark or export.")
 flags.DEFINE_string("model_dir", _d.train.model_dir, "Checkpoints, logs and flags; the same dir again resumes.")
+flags.DEFINE_boolean("overwrite", _d.train.overwrite, "Start fresh on a --model_dir that holds an earlier run's results but no checkpoint to resume, moving them to model_dir/overwritten/<UTC time>/ (never deleted). A resumable checkpoint is still resumed. Not saved in flags.txt.")
 flags.DEFINE_integer("epochs", _d.train.epochs, "Number of epochs.")
 flags.DEFINE_integer("batch_size", _d.train.batch_size, "Global batch size over all replicas.")
 flags.DEFINE_integer("steps_per_epoch", _d.train.steps_per_epoch, "Cap on steps per epoch (0: the whole split).")
@@ -185,7 +186,7 @@ def config_from_flags(f=flags.FLAGS) -> Config:
             summary_every=f.summary_every,
             histogram_every=f.histogram_every, image_every=f.image_every,
             early_stop_patience=f.early_stop_patience, plateau_patience=f.plateau_patience,
-            plateau_factor=f.plateau_factor),
+            plateau_factor=f.plateau_factor, overwrite=f.overwrite),
         benchmark=BenchmarkConfig(window_s=f.benchmark_window_s, windows=f.benchmark_windows,
                                   input=f.benchmark_input, compare=f.benchmark_compare or "none"),
     ).validated()

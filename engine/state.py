@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from engine.variables import as_tf_variable
+from engine.run_dir import list_checkpoints
 
 _SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
 
@@ -209,10 +210,10 @@ def checkpoint_is_readable(path: str) -> bool:
 
 
 def existing_checkpoints(directory: str) -> List[str]:
-    """Checkpoint prefixes in directory, newest first, per its state file."""
-    state = tf.train.get_checkpoint_state(directory)
-    if state is None:
-        return []
-    paths = list(state.all_model_checkpoint_paths) or [state.model_checkpoint_path]
-    paths = [p if os.path.isabs(p) else os.path.join(directory, p) for p in paths]
-    return list(reversed(paths))
+    """Checkpoint prefixes in directory, newest first.
+
+    Both those the state file lists and every `ckpt-*.index` on disk
+    (engine/run_dir.py): a deleted or garbled state file must not hide
+    checkpoints, or a fresh start would overwrite them.
+    """
+    return list_checkpoints(directory)

@@ -76,11 +76,15 @@ class RunLog:
         rows.append({"epoch": epoch + 1, **row})
         fields = list(dict.fromkeys(k for r in rows for k in r))
         tmp = self.csv_path + ".tmp"
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields)
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, self.csv_path)
+        try:
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=fields)
+                w.writeheader()
+                w.writerows(rows)
+            os.replace(tmp, self.csv_path)
+        finally:  # a failed write (a full disk) leaves the old file and no temporary one
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
     def close(self) -> None:
         for w in self._writers.values():

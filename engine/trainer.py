@@ -33,7 +33,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from engine import distribute, freeze, manifest, precision
+from engine import distribute, freeze, manifest, precision, run_dir
 from engine.callbacks import EpochCallbacks
 from engine.health import StepGuard, StepSummaries, TrainingDiverged, diagnose, first_non_finite, \
     largest_weight, make_state_check
@@ -43,7 +43,7 @@ from engine.ema import EMA
 from engine.losses import make_loss, parse_pos_weight
 from engine.evaluation import Evaluation
 from engine.metrics import NonFiniteOutputs
-from engine.preemption import Preempted, StopSignals
+from engine.preemption import Preempted, StopSignals, stopped_before_training
 from engine.optimizer import make_param_groups, make_schedule
 from engine.state import StateError, TrainingState, checkpoint_is_readable, existing_checkpoints, \
     model_variable_keys
@@ -54,15 +54,19 @@ from models import backbone_blocks, build_model
 
 
 class Trainer:
-    def __init__(self, config: Config, strategy=None):
+    def __init__(self, config: Config, strategy=None, stop_signals: Optional[StopSignals] = None):
         """strategy: a tf.distribute strategy to build under instead of the one
-        --strategy names (the benchmark compares strategies side by side)."""
+        --strategy names (the benchmark compares strategies side by side).
+        stop_signals: the SIGTERM/SIGINT handler train_main installed at process
+        start (None: the training loop installs its own)."""
         self.config = config.validated()
         c = self.config
+        self.stop_signals = stop_signals or StopSignals()
         self.model_dir = os.path.abspath(os.path.expanduser(c.train.model_dir))
         _seed_everything(c.train.seed, c.train.deterministic)
         self.strategy = strategy or distribute.make_strategy(c.train.strategy,
                                                              c.train.num_virtual_cpus)
+        self.stop_signals.reinstall()  # a multi-worker strategy takes SIGTERM for itself
         self.num_workers, self.worker_index, self.is_chief = distribute.worker_info(self.strategy)
         self.local_replicas = distribute.local_replica_count(self.strategy)
         distribute.check_global_batch(c.train.batch_size, self.strategy)
@@ -133,11 +137,7 @@ class Trainer:
         self._initial_state: Optional[str] = None  # rollback target before the first checkpoint
         self._rollbacks_since_save = 0  # each one without a new checkpoint goes one further back
         self._loss_bound = 0.0  # --max_loss_ratio x the baseline's loss, once train() knows it
-        self.manager = tf.train.CheckpointManager(
-            self.checkpoint, os.path.join(self._write_dir(), "checkpoints"),
-            max_to_keep=c.train.keep_checkpoints)
-        self.best_manager = tf.train.CheckpointManager(
-            self.checkpoint, os.path.join(self._write_dir(), "best"), max_to_keep=1)
+        self._managers = None  # made on first use (see manager)
         self.loss_fn = make_loss(
             c.loss.loss, num_labels=self.data.num_labels,
             pos_weight=parse_pos_weight(c.loss.pos_weight, self.data.num_labels,
@@ -155,7 +155,6 @@ class Trainer:
             keys=self.keys, every=c.train.summary_every, histogram_every=c.train.histogram_every,
             image_every=c.train.image_every, label_names=getattr(self.data, "label_names", ()),
             multiclass=c.model.task == "multiclass")
-        self.stop_signals = StopSignals()
         self._stop_vote = None  # several workers: the traced all-reduce that makes them agree
         self.settings = manifest.describe(
             c, label_names=getattr(self.data, "label_names", ()),
@@ -167,6 +166,32 @@ class Trainer:
             multiclass=c.model.task == "multiclass", task=c.model.task, report=self.log.line,
             thresholds_path=os.path.join(self.model_dir, "thresholds.json"),
             threshold_objective=c.train.threshold_objective)
+
+    def _checkpoint_managers(self):
+        """(rolling, best) checkpoint managers, made on first use.
+
+        A manager reads its directory's state file once, when made (and fails
+        on one that is not UTF-8), so train() repairs that file first; eval
+        and export never make one.
+        """
+        if self._managers is None:
+            directory = self._write_dir()
+            self._managers = (
+                tf.train.CheckpointManager(self.checkpoint, os.path.join(directory, "checkpoints"),
+                                           max_to_keep=self.config.train.keep_checkpoints),
+                tf.train.CheckpointManager(self.checkpoint, os.path.join(directory, "best"),
+                                           max_to_keep=1))
+        return self._managers
+
+    @property
+    def manager(self) -> tf.train.CheckpointManager:
+        """The rolling checkpoints (--keep_checkpoints)."""
+        return self._checkpoint_managers()[0]
+
+    @property
+    def best_manager(self) -> tf.train.CheckpointManager:
+        """best/: one checkpoint, the best by --best_metric."""
+        return self._checkpoint_managers()[1]
 
     def _write_dir(self) -> str:
         """The chief writes to model_dir; other workers to a scratch place, as TF expects."""
@@ -184,10 +209,12 @@ class Trainer:
                 pass
 
     # --------------------------------------------------------------- restore
-    def restore(self) -> str:
+    def restore(self, *, starting: bool = False) -> str:
         """Resumes from the newest readable checkpoint, else warm starts, else fresh.
 
-        Returns what happened, as a line for the log.
+        starting: a training run is taking model_dir over; a fresh start over
+        an earlier run's results then needs --overwrite, which moves them
+        aside (engine/run_dir.py). Returns what happened, as a line for the log.
         """
         c = self.config
         skipped = []
@@ -208,16 +235,23 @@ class Trainer:
             note = "".join(f"WARNING: checkpoint {p} is unreadable (cut short?); skipped. "
                            for p in skipped)
             return "\n".join(notes + [note + "resumed: " + report.summary()])
-        if skipped:
+        if skipped and not (starting and c.train.overwrite):
+            names = ", ".join(os.path.basename(p) for p in skipped)
             raise StateError(f"no readable checkpoint in {self.model_dir}/checkpoints "
-                             f"({len(skipped)} unreadable)")
+                             f"({len(skipped)} unreadable: {names}); to start fresh, train with "
+                             f"--overwrite (it moves them aside) or use another --model_dir")
+        moved = None
+        if starting:
+            moved = run_dir.prepare_fresh_start(self.model_dir, overwrite=c.train.overwrite,
+                                                move=self.is_chief, shown=c.train.model_dir)
+        note = f" (the earlier run's files were moved to {moved})" if moved else ""
         self._init_head_bias_to_prior()
         if self.ema is not None:
             self.ema.reset()  # the shadows start from the weights the run starts from
         weights = self._weights_note()
         if c.train.init_checkpoint:
-            return weights + "warm start: " + self._warm_start(c.train.init_checkpoint)
-        return weights + "fresh start"
+            return weights + "warm start: " + self._warm_start(c.train.init_checkpoint) + note
+        return weights + "fresh start" + note
 
     def _check_settings(self):
         """Compares this resume's settings with the model_dir's manifest.
@@ -323,22 +357,23 @@ class Trainer:
         return f"--weights: {report.summary()}; "
 
     # ----------------------------------------------------------------- train
-    def train(self, started: Optional[Callable[[], None]] = None) -> Dict[str, float]:
-        """Restores, then trains to --epochs; returns the last epoch's numbers.
+    def train(self, flags_text: Optional[str] = None) -> Dict[str, float]:
+        """Trains to --epochs from where model_dir's checkpoints left off.
 
-        started: called once the run is known to be valid (config checked,
-        model built, checkpoint restored and its settings compared), before
-        the run writes anything of its own; train_main writes flags.txt there,
-        so a failed command never replaces the flags of the run in model_dir.
+        flags_text: written to model_dir/flags.txt once restore has taken the
+        dir over, so a run refused because of an earlier run's results leaves
+        that run's flags.txt as it was.
         """
         c = self.config
+        self._stop_before_training(restored=False)
         os.makedirs(self.model_dir, exist_ok=True)
         self._remove_partial_saves()
-        self.log.line(self.restore())
+        self.log.line(self.restore(starting=True))
         if self.is_chief:
             manifest.write(self.model_dir, self.settings)
-        if started is not None:
-            started()
+            if flags_text is not None:
+                run_dir.write_atomically(os.path.join(self.model_dir, "flags.txt"), flags_text)
+        self._stop_before_training()
         self.evaluation.check_model()  # warnings go to the log through its report callback
         self.log.line(f"data: {self.data.description}; {self.steps_per_epoch} steps/epoch "
                       f"of {c.train.batch_size}; replicas: {self.strategy.num_replicas_in_sync}")
@@ -365,6 +400,7 @@ class Trainer:
         if c.freeze.unfreeze_at >= c.train.epochs:
             self.log.line(f"WARNING: --unfreeze_at={c.freeze.unfreeze_at} >= --epochs="
                           f"{c.train.epochs}: the backbone stays frozen for the whole run")
+        self._stop_before_training()
         self._keep_initial_state()
         try:
             return self._train_epochs()
@@ -401,6 +437,17 @@ class Trainer:
                 if stop:
                     break
         return result
+
+    def _stop_before_training(self, restored: bool = True) -> None:
+        """Between setup stages: a stop asked for before the loop runs ends the run here.
+
+        Nothing is being written between stages and nothing trained yet, so
+        there is nothing to save (train_main: exit 75).
+        """
+        requested = self.stop_signals.requested
+        if requested:
+            raise stopped_before_training(
+                requested, int(self.global_step.numpy()) if restored else None)
 
     def enter_phase(self, phase: str) -> None:
         """Applies the phase's trainable set and traces its step, once."""
@@ -520,10 +567,14 @@ class Trainer:
             self.log.scalars("train", {"health/steps_per_sec": steps_per_sec}, step)
 
     # ------------------------------------------------------------------ eval
-    def evaluate(self) -> Dict[str, float]:
-        """Validation loss and metrics (and the EMA model's, when EMA is on)."""
+    def evaluate(self, save: bool = True) -> Dict[str, float]:
+        """Validation loss and metrics (and the EMA model's, when EMA is on).
+
+        save: write the searched thresholds to model_dir/thresholds.json
+        (False for --mode=eval, which writes nothing into model_dir).
+        """
         with self._naming_bad_records("val"):
-            out = self.evaluation.run("val", save=self.is_chief)
+            out = self.evaluation.run("val", save=save and self.is_chief)
             if self.ema is not None and self.config.train.eval_with_ema:
                 with self.ema.swapped():
                     # its own thresholds (thresholds_ema.json): export serves the EMA weights
@@ -613,18 +664,32 @@ class Trainer:
             key = first_non_finite({k: self.state[k].numpy() for k in self._checked_keys})
             raise _BadSteps(f"{key} is not finite at step {int(self.global_step.numpy())} "
                             f"(an update overflowed)")
-        manager.save(checkpoint_number=int(self.global_step.numpy()))
+        try:
+            manager.save(checkpoint_number=int(self.global_step.numpy()))
+        except (tf.errors.OpError, OSError):  # a full disk: leave nothing half-written
+            self._remove_failed_save(manager)
+            raise
         self._drop_worker_copy()
         if manager is self.manager:
             self._rollbacks_since_save = 0
 
     def _remove_partial_saves(self) -> None:
-        """Deletes what a save cut short by kill -9 left: ckpt-N_temp/ (never listed, never read)."""
+        """Deletes what writes cut short by kill -9 or a full disk left (ckpt-N_temp/, temporary
+        files: never listed, never read), and rewrites a lost or garbled checkpoint state file
+        from the checkpoints on disk, so keep-N rotation knows them again."""
         if not self.is_chief:
             return
+        run_dir.remove_leftovers(self.model_dir, is_readable=checkpoint_is_readable)
         for sub in ("checkpoints", "best"):
-            for path in tf.io.gfile.glob(os.path.join(self.model_dir, sub, "*_temp")):
-                tf.io.gfile.rmtree(path)
+            run_dir.repair_state_file(os.path.join(self.model_dir, sub))
+        self._managers = None  # made again from the repaired state files
+
+    def _remove_failed_save(self, manager) -> None:
+        """After a failed save: its temp dir, and its checkpoint files if they cannot be read."""
+        run_dir.remove_leftovers(self._write_dir(), is_readable=checkpoint_is_readable)
+        prefix = os.path.join(manager.directory, f"ckpt-{int(self.global_step.numpy())}")
+        if os.path.exists(prefix + ".index") and not checkpoint_is_readable(prefix):
+            run_dir.remove_checkpoint_files(prefix)
 
     # ------------------------------------------------------------- rollback
     def _keep_initial_state(self) -> None:

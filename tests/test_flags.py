@@ -97,3 +97,15 @@ def test_flags_txt_never_fixes_the_mode_or_other_action_flags(parse):
 def test_learning_rate_must_be_finite_and_positive(parse, value):
     with pytest.raises(ConfigError, match=f"--learning_rate={value}.* must be a finite number > 0"):
         parse(f"--learning_rate={value}")
+
+
+def test_mode_and_overwrite_stay_out_of_flags_txt(parse, tmp_path):
+    """They say what one command asks for: `--mode=eval --flagfile=RUN/flags.txt` evaluates,
+    and a run repeated from its flags.txt never moves anything aside."""
+    c = parse("--overwrite", "--epochs=3")
+    assert c.train.overwrite
+    path = tmp_path / "flags.txt"
+    path.write_text(engine_flags.effective_flags(FLAGS))
+    assert "--mode=" not in path.read_text() and "overwrite" not in path.read_text()
+    c = parse("--mode=eval", f"--flagfile={path}")
+    assert FLAGS.mode == "eval" and not c.train.overwrite and c.train.epochs == 3

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from engine.preemption import EXIT_PREEMPTED
+from engine.preemption import EXIT_PREEMPTED, StopSignals
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,3 +60,18 @@ def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, emb
     assert set(expected) == set(got)
     for key in expected:
         np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+
+
+def test_stop_signals_nest_and_win_back_their_handler():
+    """train_main enters them for the whole run and the loop again; a handler someone else
+    installed in between (TensorFlow's, for a multi-worker strategy) is replaced again."""
+    before = signal.getsignal(signal.SIGTERM)
+    signals = StopSignals()
+    with signals:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as the other handler would
+        with signals:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)
+            assert signals.requested == "SIGTERM"
+        assert signal.getsignal(signal.SIGTERM) is not before  # the outer entry still holds it
+    assert signal.getsignal(signal.SIGTERM) is before
