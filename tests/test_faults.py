@@ -91,7 +91,7 @@ def test_a_deleted_state_file_resumes_from_the_checkpoint_files(trained, tmp_pat
     first_epoch = (model_dir / "metrics.csv").read_text().splitlines()[1]
     lines = []
     trainer, _ = _train(_config(model_dir, embedded_cache, epochs=2), lines)
-    assert lines[0].startswith("resumed: ") and "checkpoints/ckpt-4" in lines[0], lines[0]
+    assert "\nresumed: " in lines[0] and "checkpoints/ckpt-4" in lines[0], lines[0]
     assert int(trainer.global_step.numpy()) == 8
     rows = (model_dir / "metrics.csv").read_text().splitlines()
     assert len(rows) == 3 and rows[1] == first_epoch  # epoch 1 kept, epoch 2 added
@@ -107,7 +107,7 @@ def test_a_garbled_state_file_resumes_from_the_checkpoint_files(trained, tmp_pat
     (model_dir / "checkpoints" / "checkpoint").write_bytes(b"model_checkpoint_path: {{\x00\xff")
     trainer = Trainer(_config(model_dir, embedded_cache, epochs=2))
     line = trainer.restore(starting=True)
-    assert line.startswith("resumed: ") and "checkpoints/ckpt-4" in line, line
+    assert "\nresumed: " in line and "checkpoints/ckpt-4" in line, line  # after "--epochs: 1 -> 2"
     assert int(trainer.global_step.numpy()) == 4
 
 
@@ -272,7 +272,7 @@ def test_sigterm_while_starting_exits_75_with_nothing_half_written(tmp_path, emb
         and "run the same command to start" in last, last
     assert "Traceback" not in err
     left = sorted(os.listdir(model_dir))
-    assert left in ([".lock"], [".lock", "flags.txt"]), left  # no checkpoint, nothing partial
+    assert left in ([".lock"], [".lock", "flags.txt", "manifest.json"]), left  # nothing partial
 
 
 def _read(path):
