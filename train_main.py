@@ -29,9 +29,9 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell shows for a run stopped by 
 # File-system errors a user can act on; TensorFlow's own errors carry the same texts.
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _FILE_SYSTEM = _NO_SPACE + (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR)
-_ADVICE = {errno.ENOSPC: "free some space and run the same command to resume",
-           errno.EDQUOT: "free some space and run the same command to resume",
-           errno.EROFS: "the file system is read-only: pick a writable place",
+_ADVICE = {errno.ENOSPC: "free some space and run the same command again (it resumes)",
+           errno.EDQUOT: "free some space and run the same command again (it resumes)",
+           errno.EROFS: "pick a place on a writable file system",
            errno.EACCES: "pick a place you may write to, or fix its permissions",
            errno.EPERM: "pick a place you may write to, or fix its permissions",
            errno.ENOTDIR: "a part of the path is a file, not a directory"}
@@ -39,7 +39,6 @@ _ADVICE = {errno.ENOSPC: "free some space and run the same command to resume",
 
 def _user_errors():
     """Exception types whose message is for the user, one line, no traceback."""
-    from engine.config import ConfigError
     from engine.data import DataError
     from engine.health import TrainingDiverged  # ran out of rollbacks: a diagnosis, one line
     from engine.losses import LossError

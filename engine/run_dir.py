@@ -43,7 +43,8 @@ _NEVER_MOVED_PREFIXES = (".rollback_worker_",)
 # flock errors of file systems without locks (some NFS setups, FUSE mounts such as gcsfuse).
 _CANNOT_LOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL)
 _STATE_ENTRY = re.compile(r'^(model_checkpoint_path|all_model_checkpoint_paths):\s*"(.*)"$')
-_STATE_OTHER = re.compile(r"^(all_model_checkpoint_timestamps|last_preserved_timestamp):\s*[0-9.eE+-]+$")
+_STATE_OTHER = re.compile(
+    r"^(all_model_checkpoint_timestamps|last_preserved_timestamp):\s*[0-9.eE+-]+$")
 _CHECKPOINT_INDEX = re.compile(r"^ckpt-(\d+)\.index$")
 _STEP = re.compile(r"-(\d+)$")
 
@@ -98,7 +99,8 @@ def repair_state_file(directory: str) -> bool:
     oldest_first = list(reversed(paths))
     stamps = [_mtime(p + ".index") for p in oldest_first]
     lines = [f'model_checkpoint_path: "{_quote(_relative(directory, paths[0]))}"']
-    lines += [f'all_model_checkpoint_paths: "{_quote(_relative(directory, p))}"' for p in oldest_first]
+    lines += [f'all_model_checkpoint_paths: "{_quote(_relative(directory, p))}"'
+              for p in oldest_first]
     lines += [f"all_model_checkpoint_timestamps: {t!r}" for t in stamps]
     # Every checkpoint newer than this is one the manager may delete in turn.
     lines.append(f"last_preserved_timestamp: {min(stamps) - 1.0!r}")
@@ -134,7 +136,8 @@ def _on_disk(directory: str) -> List[str]:
         names = os.listdir(directory)
     except OSError:
         return []
-    found = [os.path.join(directory, n[:-len(".index")]) for n in names if _CHECKPOINT_INDEX.match(n)]
+    found = [os.path.join(directory, n[:-len(".index")])
+             for n in names if _CHECKPOINT_INDEX.match(n)]
     return sorted(found, key=_step, reverse=True)
 
 
@@ -297,19 +300,36 @@ def earlier_results(model_dir: str) -> List[str]:
     Results are checkpoints (any ckpt-* file), best/, export/, a metrics.csv
     with at least one epoch row and thresholds.json. What a run killed
     before its first checkpoint leaves (flags.txt, the lock, rollback/,
-    event files) is not: such a run simply starts again.
+    event files, and a save cut short: ckpt-N_temp/ with whatever ckpt-N
+    files it got to) is not: such a run simply starts again.
     """
     found = []
-    if glob.glob(os.path.join(glob.escape(model_dir), "checkpoints", "ckpt-*")):
+    checkpoints = _finished_entries(os.path.join(model_dir, "checkpoints"))
+    if any(n.startswith("ckpt-") for n in checkpoints):
         found.append("checkpoints/ckpt-*")
     for sub in ("best", "export"):
-        if os.path.isdir(os.path.join(model_dir, sub)) and os.listdir(os.path.join(model_dir, sub)):
+        if _finished_entries(os.path.join(model_dir, sub)):
             found.append(sub + "/")
     if _has_an_epoch_row(os.path.join(model_dir, "metrics.csv")):
         found.append("metrics.csv")
     if os.path.exists(os.path.join(model_dir, "thresholds.json")):
         found.append("thresholds.json")
     return found
+
+
+def _finished_entries(directory: str) -> List[str]:
+    """Entries of a checkpoint or export dir that no cut-short write left.
+
+    Not: ckpt-N_temp/ and the ckpt-N files of its save, the state file's
+    temporary copies, export's hidden scratch dirs, nor the state file alone.
+    """
+    try:
+        names = os.listdir(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    cut_short = {n[:-len("_temp")] for n in names if n.endswith("_temp")}
+    return [n for n in names if not (n.endswith("_temp") or n.startswith((".", STATE_FILE))
+                                     or n.split(".", 1)[0] in cut_short)]
 
 
 def _has_an_epoch_row(path: str) -> bool:
@@ -402,9 +422,9 @@ def remove_leftovers(model_dir: str, is_readable: Optional[Callable[[str], bool]
                     "best/checkpoint.tmp*", "*.tmp-*", "metrics.csv.tmp", ".thresholds-*.json"):
         for path in glob.glob(os.path.join(glob.escape(model_dir), pattern)):
             prefix = path[:-len("_temp")]
-            if path.endswith("_temp") and is_readable is not None \
-                    and os.path.exists(prefix + ".index") and not is_readable(prefix):
-                remove_checkpoint_files(prefix)
+            if path.endswith("_temp") and is_readable is not None and not (
+                    os.path.exists(prefix + ".index") and is_readable(prefix)):
+                remove_checkpoint_files(prefix)  # what the merge got to: a data file, an index
             if os.path.isdir(path):
                 shutil.rmtree(path, ignore_errors=True)
             else:

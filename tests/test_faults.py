@@ -170,7 +170,7 @@ def test_file_system_errors_name_the_flag_and_programming_errors_keep_their_trac
         "-of-00001.tempstate44369; No space left on device [Op:SaveV2]"))
     assert line(full, config) == (f"no space left on device: {tmp_path}/run/checkpoints/ckpt-6 "
                                   f"(--model_dir={tmp_path / 'run'}); free some space and run "
-                                  f"the same command to resume")
+                                  f"the same command again (it resumes)")
     out_of_memory = tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
     assert line(out_of_memory, config) is None
     assert line(FileNotFoundError(2, "No such file", str(tmp_path / "run" / "x")), config) is None

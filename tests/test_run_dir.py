@@ -194,6 +194,20 @@ def test_what_a_run_killed_before_its_first_checkpoint_leaves_is_not_a_result(tm
     assert run_dir.prepare_fresh_start(str(tmp_path), overwrite=False) is None
 
 
+def test_a_first_save_cut_short_is_not_a_result(tmp_path):
+    _killed_before_its_first_checkpoint(tmp_path)
+    for sub in ("checkpoints", "best"):
+        (tmp_path / sub).mkdir(exist_ok=True)
+        (tmp_path / sub / "ckpt-2_temp").mkdir()
+        (tmp_path / sub / "ckpt-2.data-00000-of-00001").write_text("merged before the kill")
+    (tmp_path / "checkpoints" / "checkpoint.tmp5f3a").write_text("half")
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / ".2-x1y2").mkdir()  # export's scratch dir
+    assert run_dir.earlier_results(str(tmp_path)) == []
+    run_dir.remove_leftovers(str(tmp_path), is_readable=lambda prefix: False)
+    assert os.listdir(tmp_path / "checkpoints") == [] and os.listdir(tmp_path / "best") == []
+
+
 @pytest.mark.parametrize("result", ["checkpoints/ckpt-3.index", "best/ckpt-3.index",
                                     "export/3/saved_model.pb", "metrics.csv", "thresholds.json"])
 def test_each_result_needs_overwrite_and_is_then_moved_aside(tmp_path, result):
