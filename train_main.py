@@ -151,7 +151,12 @@ def _run_mode(config, mode: str, signals: Optional[StopSignals]) -> None:
         Trainer(config, stop_signals=signals).train(flags_text=engine_flags.effective_flags())
     elif mode == "eval":
         trainer = Trainer(config)
-        print(trainer.restore())
+        line = trainer.restore()
+        if trainer.resumed_from is None:  # restore() started fresh: nothing to evaluate
+            from engine.state import StateError
+            raise StateError(f"--model_dir={config.train.model_dir} has no checkpoint to "
+                             f"evaluate; train first (or check the path)")
+        print(line)
         for key, value in trainer.evaluate(save=False).items():  # eval writes nothing
             print(f"{key}: {value:.4f}")
     elif mode == "benchmark":

@@ -137,6 +137,7 @@ class Trainer:
         self._initial_state: Optional[str] = None  # rollback target before the first checkpoint
         self._rollbacks_since_save = 0  # each one without a new checkpoint goes one further back
         self._loss_bound = 0.0  # --max_loss_ratio x the baseline's loss, once train() knows it
+        self.resumed_from: Optional[str] = None  # the checkpoint restore() resumed from
         self._managers = None  # made on first use (see manager)
         self.loss_fn = make_loss(
             c.loss.loss, num_labels=self.data.num_labels,
@@ -234,6 +235,7 @@ class Trainer:
             notes += self._start_unrestored_state(report, fresh)
             note = "".join(f"WARNING: checkpoint {p} is unreadable (cut short?); skipped. "
                            for p in skipped)
+            self.resumed_from = path
             return "\n".join(notes + [note + "resumed: " + report.summary()])
         if skipped and not (starting and c.train.overwrite):
             names = ", ".join(os.path.basename(p) for p in skipped)

@@ -35,6 +35,7 @@ def test_train_then_resume_from_the_same_model_dir(tmp_path, embedded_cache):
     (["--data_dir=/nonexistent/data"], "error: --data_dir=/nonexistent/data does not exist"),
     (["--mode=serve"], "error: --mode=serve is not one of"),
     (["--flagfile=/nonexistent/flags.txt"], "error: Unable to open flagfile"),
+    (["--mode=eval"], "error: --model_dir="),
     (["--epochs=abc"], "error: flag --epochs=abc: invalid literal"),
     (["--loss=foo"], "error: --loss=foo: unknown loss 'foo'; choose from bce"),
     (["--strategy=mirrored", "--num_virtual_cpus=3", "--batch_size=16"],
