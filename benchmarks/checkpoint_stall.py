@@ -61,7 +61,7 @@ def main(_):
         for name, opts in (("sync save", sync_opts), ("async save", async_opts)):
             results["plain step"].append(step())
             t = time.perf_counter()
-            trainer.manager.save(options=opts)
+            trainer.checkpointer.rolling.save(options=opts)
             step()
             results[name].append(time.perf_counter() - t)
     trainer.checkpoint.sync() if hasattr(trainer.checkpoint, "sync") else None

@@ -68,3 +68,16 @@ def trainable_in_every_phase(model) -> dict:
     groups = {"backbone": list(backbone.trainable_variables),
               "head": [v for v in model.trainable_variables if id(v) not in backbone_ids]}
     return groups
+
+
+def changing_weights(model):
+    """Weights that change while training in the current phase.
+
+    Trainable variables, plus BatchNorm moving statistics of BN layers that
+    run in training mode (trainable ones).
+    """
+    changing = list(model.trainable_variables)
+    for layer in model._flatten_layers(include_self=False):
+        if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable:
+            changing += [layer.moving_mean, layer.moving_variance]
+    return changing

@@ -43,7 +43,7 @@ FIXED = ("backbone", "seg_model", "unet_depth", "unet_filters")
 NOTES = {
     "weights": "no effect on resume: the checkpoint's weights are used",
     "init_checkpoint": "no effect on resume: the checkpoint's weights are used",
-    "ema_decay": "",  # on/off is explained by the restore (engine/trainer.py)
+    "ema_decay": "",  # on/off is explained by the restore (engine/restore.py)
     "seed": "the rest of this epoch is drawn in another order (some examples may repeat)",
     "steps_per_epoch": "the schedule's length changes with it",
     "epochs": "the schedule's length changes with it",

@@ -30,7 +30,7 @@ class RunLog:
         self._writers: Dict[str, object] = {}
         self._bar: Optional[tqdm] = None
 
-    def _writer(self, name: str):
+    def writer(self, name: str):
         if name not in self._writers:
             self._writers[name] = tf.summary.create_file_writer(os.path.join(self.model_dir, name))
         return self._writers[name]
@@ -38,7 +38,7 @@ class RunLog:
     def scalars(self, name: str, values: Dict[str, float], step: int) -> None:
         if not self.enabled:
             return
-        with self._writer(name).as_default():
+        with self.writer(name).as_default():
             for key, value in values.items():
                 tf.summary.write(key, tf.constant(value, tf.float32), step=step,
                                  metadata=_SCALAR_METADATA)

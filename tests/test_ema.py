@@ -25,7 +25,7 @@ def _mse(labels, logits):
 
 def _toy(strategy=None, *, decay, warmup, frozen_first=False, seed=0, one_layer=False):
     """Dense(3->4) -> Dense(4->2) (or one Dense(3->2)) with SGD and EMA, built the way
-    engine/trainer.py builds them."""
+    engine/parts.py builds them."""
     strategy = strategy or tf.distribute.get_strategy()
     rng = np.random.default_rng(seed)
     cfg = OptimizerConfig(name="sgd", learning_rate=LR, schedule="constant")
@@ -170,7 +170,7 @@ def test_frozen_weights_shadows_stay_bit_equal_and_a_thawed_weight_starts_from_i
 
 
 def test_frozen_batchnorm_statistics_keep_bit_equal_shadows():
-    from engine.trainer import _changing_weights
+    from engine.freeze import changing_weights
     inputs = keras.Input([4, 4, 3])
     x = keras.layers.Conv2D(2, 3, name="conv")(inputs)
     x = keras.layers.BatchNormalization(name="bn")(x)
@@ -183,7 +183,7 @@ def test_frozen_batchnorm_statistics_keep_bit_equal_shadows():
     groups = make_param_groups(cfg, {"head": list(model.trainable_variables)}, keys,
                                make_schedule(cfg, 10, 1), step, tf.Variable(1.0))
     ema = EMA(model.weights, keys, 0.9, True, tf.distribute.get_strategy())
-    ema.start_phase(_changing_weights(model), reset_new=False)
+    ema.start_phase(changing_weights(model), reset_new=False)
     loop, _ = make_train_loop(
         model=model, loss_fn=_mse, groups=groups,
         phase_variables={"head": list(model.trainable_variables)},

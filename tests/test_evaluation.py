@@ -74,14 +74,17 @@ def test_constant_head_is_reported_as_collapsed(tmp_path, embedded_cache, capsys
            f"({', '.join(LABEL_NAMES)}); the first: label 'green_field'" in out
 
 
-def test_sigmoid_head_warns_at_start_and_gradients_vanish(tmp_path, embedded_cache, monkeypatch):
-    trainer = Trainer(_config(tmp_path, embedded_cache, steps_per_epoch=8, steps_per_loop=2))
-    # A head that squashes its output and is saturated: sigmoid(30) is 1.0 in float32.
-    logits = trainer.model.get_layer("head").get_layer("logits")
-    logits.activation = keras.activations.sigmoid
+def test_sigmoid_head_warns_at_start_and_gradients_vanish(tmp_path, embedded_cache):
+    # A head that squashes its output and is saturated: sigmoid(30) is 1.0 in float32. Its
+    # weights come in by a warm start, which (unlike a fresh start) keeps the file's bias.
+    saturated = Trainer(_config(tmp_path / "a", embedded_cache))
+    logits = saturated.model.get_layer("head").get_layer("logits")
     logits.kernel.assign(np.zeros(logits.kernel.shape, np.float32))
     logits.bias.assign(np.full(logits.bias.shape, 30.0, np.float32))
-    monkeypatch.setattr(trainer, "_init_head_bias_to_prior", lambda: None)
+    saturated.model.save_weights(str(tmp_path / "saturated.weights.h5"))
+    trainer = Trainer(_config(tmp_path, embedded_cache, steps_per_epoch=8, steps_per_loop=2,
+                              init_checkpoint=str(tmp_path / "saturated.weights.h5")))
+    trainer.model.get_layer("head").get_layer("logits").activation = keras.activations.sigmoid
     trainer.evaluation.grad_monitor = GradientVanishingMonitor(floor=1e-7, patience=6)
     trainer.train()
     warnings = trainer.evaluation.warnings

@@ -46,12 +46,12 @@ def run(tmp_path_factory, embedded_cache):
     shadows[bias].assign(shadows[bias] - 2.0)
     trainer.global_step.assign(5)
     trainer.best.assign(0.25)
-    trainer.best_manager.save(checkpoint_number=5)
-    trainer.manager.save(checkpoint_number=5)
+    trainer.checkpointer.best.save(checkpoint_number=5)
+    trainer.checkpointer.rolling.save(checkpoint_number=5)
     kernel = trainer.model.get_layer("head").get_layer("logits").kernel
     kernel.assign(kernel * 3.0)
     trainer.global_step.assign(9)
-    trainer.manager.save(checkpoint_number=9)
+    trainer.checkpointer.rolling.save(checkpoint_number=9)
     return config, trainer
 
 
@@ -207,7 +207,7 @@ def test_export_without_a_checkpoint_names_model_dir(tmp_path, embedded_cache):
 def test_export_of_a_run_without_ema_asks_for_export_raw(tmp_path, embedded_cache):
     from engine.trainer import Trainer
     plain = Trainer(_config(tmp_path / "plain", embedded_cache, ema_decay=0.0))
-    plain.manager.save(checkpoint_number=0)  # an untrained checkpoint without EMA shadows
+    plain.checkpointer.rolling.save(checkpoint_number=0)  # an untrained checkpoint without EMA shadows
     with pytest.raises(StateError, match="--export_raw"):
         export_saved_model(_config(tmp_path / "plain", embedded_cache))
     line = export_saved_model(_config(tmp_path / "plain", embedded_cache, export_raw=True))
@@ -222,7 +222,7 @@ def test_multiclass_exports_softmax_probabilities(tmp_path, embedded_cache):
     config = _config(tmp_path / "mc", embedded_cache, ema_decay=0.0).replace(
         model={"task": "multiclass"}, loss={"loss": "cce"})
     trainer = Trainer(config)
-    trainer.manager.save(checkpoint_number=0)
+    trainer.checkpointer.rolling.save(checkpoint_number=0)
     line = export_saved_model(config)
     images = _images(4, seed=2)
     logits = trainer.model(images, training=False).numpy().astype(np.float64)

@@ -20,7 +20,8 @@ from engine.health import StepGuard, StepSummaries, TrainingDiverged, diagnose, 
 from engine.optimizer import make_param_groups, make_schedule
 from engine.state import model_variable_keys
 from engine.steps import make_train_loop
-from engine.trainer import Trainer, _changing_weights
+from engine.freeze import changing_weights
+from engine.trainer import Trainer
 
 TWO_CPUS = ["/cpu:0", "/cpu:1"]
 
@@ -69,7 +70,7 @@ def test_a_bad_step_changes_nothing_and_is_counted(replicas):
                                    make_schedule(cfg, 10, 1), step, tf.Variable(1.0, **counter))
         ema = EMA(model.weights, keys, 0.9, True, strategy)
         guard = StepGuard()
-    ema.start_phase(_changing_weights(model), reset_new=False)
+    ema.start_phase(changing_weights(model), reset_new=False)
     loop, traces = make_train_loop(
         model=model, loss_fn=_mse_and_poison, groups=groups,
         phase_variables={"head": model.trainable_variables}, strategy=strategy, global_batch=4,

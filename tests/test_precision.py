@@ -52,7 +52,7 @@ def test_float16_trains_like_float32_and_an_overflow_is_skipped_not_counted_bad(
         trainer = Trainer(_config(tmp_path, embedded_cache, precision))
         trainer.restore()
         trainer.enter_phase(freeze.UNFROZEN)
-        runs[precision] = (trainer, [trainer._run_epoch()["loss"] for _ in range(2)])
+        runs[precision] = (trainer, [trainer.run_epoch()["loss"] for _ in range(2)])
     assert keras.config.dtype_policy().name == "float32"  # the Trainer left it as it was
     t16, losses16 = runs["float16"]
     _, losses32 = runs["float32"]
@@ -84,7 +84,7 @@ def test_the_loss_scale_is_checkpoint_state_and_resumes(tmp_path, embedded_cache
     first = Trainer(cfg)
     first.train()
     first.loss_scale.scale.assign(1024.0)
-    first._checkpoint(first.manager)
+    first.checkpointer.save_rolling()
     assert {"train/loss_scale", "train/loss_scale_good_steps", "train/overflow_steps"} <= set(
         first.state.keys)
     again = Trainer(cfg)

@@ -35,9 +35,9 @@ def test_loss_falls(tmp_path, embedded_cache):
     trainer = Trainer(cfg)
     trainer.restore()
     trainer.enter_phase(freeze.UNFROZEN)
-    first = trainer._run_epoch()["loss"]
-    trainer._run_epoch()
-    last = trainer._run_epoch()["loss"]
+    first = trainer.run_epoch()["loss"]
+    trainer.run_epoch()
+    last = trainer.run_epoch()["loss"]
     assert last < 0.9 * first
 
 
@@ -47,8 +47,8 @@ def test_unfreeze_switch_keeps_head_slots_and_starts_backbone(tmp_path, embedded
     backbone = trainer.model.get_layer("backbone")
     before = _values(backbone.weights)  # kernels, gamma/beta and BN moving statistics
     trainer.enter_phase(freeze.FROZEN)
-    trainer._run_epoch()
-    trainer._run_epoch()
+    trainer.run_epoch()
+    trainer.run_epoch()
     for a, b in zip(before, _values(backbone.weights)):
         np.testing.assert_array_equal(a, b)  # frozen epochs: bit-identical
 
@@ -62,7 +62,7 @@ def test_unfreeze_switch_keeps_head_slots_and_starts_backbone(tmp_path, embedded
         assert not np.any(v.numpy())  # fresh
     kernels = [v for v in backbone.trainable_variables if "kernel" in v.path]
     kernels_before = _values(kernels)
-    trainer._run_epoch()
+    trainer.run_epoch()
     assert all(not np.array_equal(a, b) for a, b in zip(kernels_before, _values(kernels)))
     assert int(trainer.groups["backbone"].optimizer.iterations.numpy()) == 6
     assert int(trainer.groups["head"].optimizer.iterations.numpy()) == 18
@@ -94,9 +94,9 @@ def test_keras_optimizer_fails_at_unfreeze_where_the_engine_does_not(tmp_path, e
     trainer = Trainer(_config(tmp_path, embedded_cache))
     trainer.restore()
     trainer.enter_phase(freeze.FROZEN)
-    trainer._run_epoch()
+    trainer.run_epoch()
     trainer.enter_phase(freeze.UNFROZEN)
-    trainer._run_epoch()
+    trainer.run_epoch()
     assert int(trainer.groups["backbone"].optimizer.iterations.numpy()) == 6
 
 

@@ -1,0 +1,360 @@
+"""The training story, top to bottom: restore, then phases of epochs, each epoch
+`run_steps` calls then `evaluate`, then the actions.
+
+    parts = build_parts(config)             # engine/parts.py: built once
+    controller = Controller(parts)
+    controller.train()
+      restore (engine/restore.py): resume, warm start or fresh
+      for each epoch: enter_phase (freeze/unfreeze + trace the step once)
+                      run_epoch: run_steps K at a time from the saved position
+                      evaluate; checkpoint and best/ (engine/actions.py)
+                      a divergence -> Rollback; a stop request -> a checkpoint, exit 75
+
+The traced step is engine/steps.py. Training health (engine/health.py): a
+step whose loss or gradients are not finite changes nothing inside the
+traced step and is counted; after --max_bad_steps in a row, a non-finite
+state, non-finite eval outputs or a loss over --max_loss_ratio x the
+baseline, the run rolls back to the last good state with a lower learning
+rate, and stops with a one-line diagnosis once --max_rollbacks are used up.
+
+The built parts read as the controller's own attributes (`controller.model`
+is `controller.parts.model`), so tools and tests reach them one way.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from typing import Dict, Optional
+
+import numpy as np
+import tensorflow as tf
+
+from engine import freeze, manifest, run_dir
+from engine.actions import Checkpointer, Diverging, LossBound, Rollback, StopVote
+from engine.metrics import NonFiniteOutputs
+from engine.preemption import Preempted, stopped_before_training
+from engine.restore import restore_run
+from engine.steps import make_train_loop
+
+
+class Controller:
+    def __init__(self, parts):
+        self.parts = parts
+        self.checkpointer = Checkpointer(parts)
+        self.rollback = Rollback(parts, self.checkpointer)
+        self.loss_bound = LossBound(parts.config.train.max_loss_ratio)
+        self.stop_vote = StopVote(parts)
+        self.phase: Optional[str] = None
+        self.train_loop = None  # the traced loop of the current phase
+        self.phase_traces: Dict[str, dict] = {}  # phase -> {"count": traces}
+        self.resumed_from: Optional[str] = None  # the checkpoint restore() resumed from
+
+    def __getattr__(self, name):
+        if name == "parts":  # not built yet: no recursion
+            raise AttributeError(name)
+        return getattr(self.parts, name)
+
+    # --------------------------------------------------------------- the story
+    def restore(self, *, starting: bool = False) -> str:
+        """Resumes, warm starts or starts fresh (engine/restore.py); returns the log line."""
+        restored = restore_run(self.parts, starting=starting)
+        self.resumed_from = restored.path
+        return restored.line
+
+    def train(self, flags_text: Optional[str] = None) -> Dict[str, float]:
+        """Trains to --epochs from where model_dir's checkpoints left off.
+
+        flags_text: written to model_dir/flags.txt once restore has taken the
+        dir over and the settings were checked, so a refused or failing
+        command never replaces the flags of the run in model_dir.
+        """
+        if not self._prepare(flags_text):
+            self.log.close()
+            return {}
+        self.rollback.keep_initial_state()
+        try:
+            return self._train_epochs()
+        finally:
+            # Also after a data error or a diverged stop: the starting state is
+            # only a rollback target while this process trains.
+            self.rollback.drop_initial_state()
+            self.log.close()
+
+    def _prepare(self, flags_text: Optional[str]) -> bool:
+        """Everything before the first step; False when there is nothing left to train."""
+        c, p = self.config, self.parts
+        self._stop_before_training(restored=False)
+        os.makedirs(p.model_dir, exist_ok=True)
+        self.checkpointer.prepare()
+        self.log.line(self.restore(starting=True))
+        if p.is_chief:
+            manifest.write(p.model_dir, p.settings)
+            if flags_text is not None:
+                run_dir.write_atomically(os.path.join(p.model_dir, "flags.txt"), flags_text)
+        self._stop_before_training()
+        self.evaluation.check_model()  # warnings go to the log through its report callback
+        self._describe_data()
+        with self._naming_bad_records("val"):
+            baseline = self.evaluation.baseline()
+        self.log.line("baseline (predict each label's train prevalence): " + "  ".join(
+            f"{k}={v:.4f}" for k, v in baseline.items()))
+        self.loss_bound.set_baseline(baseline.get("baseline_loss", np.inf))
+        stopped = self.callbacks.should_stop_now()
+        if stopped:
+            self.log.line(stopped + "; nothing left to train")
+            return False
+        if c.freeze.unfreeze_at >= c.train.epochs:
+            self.log.line(f"WARNING: --unfreeze_at={c.freeze.unfreeze_at} >= --epochs="
+                          f"{c.train.epochs}: the backbone stays frozen for the whole run")
+        self._stop_before_training()
+        return True
+
+    def _describe_data(self) -> None:
+        c, data = self.config, self.data
+        self.log.line(f"data: {data.description}; {self.steps_per_epoch} steps/epoch "
+                      f"of {c.train.batch_size}; replicas: {self.strategy.num_replicas_in_sync}")
+        if c.model.task == "multilabel":
+            unused = [n for n, p in zip(self.label_names, np.asarray(data.label_prevalence))
+                      if p == 0]
+            if unused:
+                self.log.line(
+                    f"WARNING: {len(unused)} labels have no positive example in the training "
+                    f"split ({', '.join(unused[:8])}{' ...' if len(unused) > 8 else ''}): they "
+                    f"cannot be learned, and their AUC and F-beta mean nothing; check "
+                    f"labels.txt against the data")
+        if getattr(data, "bad_records", None):
+            self.log.line(f"WARNING: --skip_bad_records left out {data.skipped_records} "
+                          f"records: " + "; ".join(data.bad_records))
+
+    def _train_epochs(self) -> Dict[str, float]:
+        """The epochs left, each: phase, steps, evaluation, checkpoint (or a rollback)."""
+        c = self.config
+        result: Dict[str, float] = {}
+        with self.stop_signals:
+            while int(self.epoch.numpy()) < c.train.epochs:
+                epoch = int(self.epoch.numpy())
+                self.enter_phase(freeze.phase_for_epoch(epoch, c.freeze.unfreeze_at))
+                try:
+                    result = {**self.run_epoch(), **self._evaluate_while_training()}
+                    stop, lines = self.callbacks.on_epoch_end(result)
+                    self._save(result)
+                except Diverging as bad:
+                    line = self.rollback.roll_back(str(bad))
+                    self.log.end_epoch(int(self.epoch.numpy()), {}, summary=False)
+                    self.log.line(line)
+                    continue
+                self._report_epoch(epoch, result, lines)
+                if stop:
+                    break
+        return result
+
+    def _report_epoch(self, epoch: int, result: Dict[str, float], lines) -> None:
+        self.log.end_epoch(epoch, result)
+        for line in lines:
+            self.log.line(line)
+        step = int(self.global_step.numpy())
+        self.log.scalars("train", {k: v for k, v in result.items() if not k.startswith("val")},
+                         step)
+        self.log.scalars("eval", {**{k: v for k, v in result.items() if k.startswith("val")},
+                                  **self.evaluation.label_scalars()}, step)
+
+    def _stop_before_training(self, restored: bool = True) -> None:
+        """Between setup stages: a stop asked for before the loop runs ends the run here.
+
+        Nothing is being written between stages and nothing trained yet, so
+        there is nothing to save (train_main: exit 75).
+        """
+        requested = self.stop_signals.requested
+        if requested:
+            raise stopped_before_training(
+                requested, int(self.global_step.numpy()) if restored else None)
+
+    # ------------------------------------------------------------- the steps
+    def enter_phase(self, phase: str) -> None:
+        """Applies the phase's trainable set and traces its step, once."""
+        if phase == self.phase:
+            return
+        c = self.config
+        switching = self.phase is not None
+        freeze.apply_phase(self.model, phase, thawed=self.thawed, freeze_bn=c.freeze.freeze_bn)
+        trainable = {id(v) for v in self.model.trainable_variables}
+        phase_variables = {name: [v for v in g.variables if id(v) in trainable]
+                           for name, g in self.groups.items()}
+        after_step = None
+        if self.ema is not None:
+            self.ema.start_phase(freeze.changing_weights(self.model), reset_new=switching)
+            after_step = self.ema.update
+        self.train_loop, self.phase_traces[phase] = make_train_loop(
+            model=self.model, loss_fn=self.loss_fn, groups=self.groups,
+            phase_variables=phase_variables, strategy=self.strategy,
+            global_batch=c.train.batch_size, local_replicas=self.local_replicas,
+            global_step=self.global_step, global_clipnorm=c.optimizer.global_clipnorm,
+            after_step=after_step, clipnorm=c.optimizer.clipnorm,
+            clipvalue=c.optimizer.clipvalue, guard=self.guard, summaries=self.summaries,
+            loss_scale=self.loss_scale, jit_compile=c.train.jit_compile)
+        self.phase = phase
+        self.unfrozen.assign(int(phase == freeze.UNFROZEN))
+        if switching or phase == freeze.FROZEN:
+            self.log.line(f"phase: {phase} ({sum(len(v) for v in phase_variables.values())} "
+                          f"trainable variables)")
+
+    def run_steps(self, iterator, num_steps: int):
+        """Runs num_steps traced train steps of the current phase from iterator.
+
+        Returns (mean loss of the good steps, last global gradient norm) as
+        tensors, with no host sync: the benchmark times exactly this.
+        """
+        return self.train_loop(iterator, tf.constant(num_steps, tf.int32))
+
+    def run_epoch(self) -> Dict[str, float]:
+        """Runs the rest of the current epoch, from the saved position on."""
+        c = self.config
+        epoch, start = int(self.epoch.numpy()), int(self.step_in_epoch.numpy())
+        iterator = self._epoch_iterator(epoch, start)
+        self.log.start_epoch(epoch, c.train.epochs, self.steps_per_epoch, start, self.phase)
+        losses, t0, step = [], time.perf_counter(), start
+        bad_at_start = int(self.guard.bad_steps.numpy())
+        while step < self.steps_per_epoch:
+            k = self._steps_in_next_call(step)
+            loss, good = self._run_call(iterator, k)
+            step += k
+            self.step_in_epoch.assign(step)
+            if good:
+                losses.append((loss, good))  # the mean over the call's good steps
+            self._after_call(epoch, step)
+        self.epoch.assign_add(1)
+        self.step_in_epoch.assign(0)
+        return self._epoch_stats(losses, step - start, time.perf_counter() - t0, bad_at_start)
+
+    def _epoch_iterator(self, epoch: int, start: int):
+        c = self.config
+        dataset = self.data.train_dataset(
+            epoch=epoch, global_batch=c.train.batch_size // self.num_workers,
+            input_size=c.model.input_size, seed=c.train.seed, skip_batches=start,
+            augment=c.data.augment, num_shards=self.num_workers, shard_index=self.worker_index)
+        with self.strategy.scope():
+            self.guard.keep_batches(dataset.element_spec)  # before the step is traced
+        return iter(dataset)
+
+    def _steps_in_next_call(self, step: int) -> int:
+        """--steps_per_loop, cut at the epoch's end and at the next --checkpoint_every_steps."""
+        t = self.config.train
+        k = min(t.steps_per_loop, self.steps_per_epoch - step)
+        if t.checkpoint_every_steps:
+            every = t.checkpoint_every_steps
+            k = min(k, every - int(self.global_step.numpy()) % every)
+        return k
+
+    def _run_call(self, iterator, k: int):
+        """One traced call of k steps, then the host-side checks; returns (loss, good steps)."""
+        max_bad = self.config.train.max_bad_steps
+        tic = time.perf_counter()
+        bad_before = int(self.guard.bad_steps.numpy())
+        with self._summary_writer(), self._naming_bad_records("train"):
+            loss, norm = self.run_steps(iterator, k)
+            loss = float(loss)  # one host sync per call
+        step = int(self.global_step.numpy())
+        bad = int(self.guard.bad_steps.numpy()) - bad_before
+        in_a_row = int(self.guard.consecutive.numpy())
+        self.evaluation.observe_grad_norm(float(norm), steps=k, step=step)
+        rate = k / max(time.perf_counter() - tic, 1e-9)
+        self.log.advance(k, loss, rate)
+        self._host_summaries(k, rate)
+        if max_bad and in_a_row >= max_bad:
+            raise Diverging(f"{in_a_row} steps in a row with a non-finite loss, gradient or "
+                            f"BN statistic up to step {step}")
+        self.loss_bound.check("training loss", loss, step)
+        return loss, k - bad
+
+    def _after_call(self, epoch: int, step: int) -> None:
+        """A stop request saves and stops here; --checkpoint_every_steps saves here."""
+        every = self.config.train.checkpoint_every_steps
+        requested = self.stop_vote.requested()
+        if requested and step < self.steps_per_epoch:
+            self.checkpointer.save_rolling()
+            self.log.end_epoch(epoch, {}, summary=False)
+            raise Preempted(f"stopped by {requested} at step {int(self.global_step.numpy())} "
+                            f"(epoch {epoch + 1}, batch {step}); checkpoint saved: run the same "
+                            f"command to resume")
+        if every and int(self.global_step.numpy()) % every == 0 and step < self.steps_per_epoch:
+            self.checkpointer.save_rolling()
+
+    def _epoch_stats(self, losses, done: int, seconds: float, bad_at_start: int):
+        mean_loss = (sum(l * k for l, k in losses) / sum(k for _, k in losses) if losses
+                     else float("nan"))
+        out = {"loss": mean_loss, "steps_per_sec": done / max(seconds, 1e-9),
+               "lr": float(self.schedule(self.global_step) * self.lr_scale)}
+        bad_steps = int(self.guard.bad_steps.numpy()) - bad_at_start
+        if bad_steps:
+            out["bad_steps"] = bad_steps
+        if self.loss_scale is not None:
+            out["loss_scale"] = float(self.loss_scale.scale.numpy())
+        skipped = getattr(self.data, "skipped_records", 0)
+        if skipped:
+            out["skipped_records"] = skipped
+        return out
+
+    def _summary_writer(self):
+        """The TensorBoard writer the traced step writes to (chief only)."""
+        if not (self.log.enabled and self.summaries.enabled):
+            return contextlib.nullcontext()
+        return self.log.writer("train").as_default()
+
+    def _host_summaries(self, k: int, steps_per_sec: float) -> None:
+        """steps/sec, measured on the host, once per --summary_every steps."""
+        every = self.config.train.summary_every
+        step = int(self.global_step.numpy())
+        if every and step // every != (step - k) // every:
+            self.log.scalars("train", {"health/steps_per_sec": steps_per_sec}, step)
+
+    # ------------------------------------------------------------------ eval
+    def evaluate(self, save: bool = True) -> Dict[str, float]:
+        """Validation loss and metrics (and the EMA model's, when EMA is on).
+
+        save: write the searched thresholds to model_dir/thresholds.json
+        (False for --mode=eval, which writes nothing into model_dir).
+        """
+        with self._naming_bad_records("val"):
+            out = self.evaluation.run("val", save=save and self.is_chief)
+            if self.ema is not None and self.config.train.eval_with_ema:
+                with self.ema.swapped():
+                    # its own thresholds (thresholds_ema.json): export serves the EMA weights
+                    out.update(self.evaluation.run("val_ema", save=save and self.is_chief,
+                                                   weights="ema"))
+        return out
+
+    def _evaluate_while_training(self) -> Dict[str, float]:
+        """evaluate(), with outputs that diverged handed to Rollback instead of an error."""
+        step = int(self.global_step.numpy())
+        try:
+            out = self.evaluate()
+        except NonFiniteOutputs:
+            raise Diverging(f"the validation outputs are not finite after step {step}") from None
+        for key in ("val_loss", "val_ema_loss"):
+            if key in out:
+                self.loss_bound.check(key.replace("_", " "), out[key], step)
+        return out
+
+    @contextlib.contextmanager
+    def _naming_bad_records(self, split: str):
+        """Turns a data error met inside a traced call into a DataError naming file and record."""
+        try:
+            yield
+        except (tf.errors.InvalidArgumentError, tf.errors.DataLossError,
+                tf.errors.NotFoundError) as e:
+            explain = getattr(self.data, "explain_error", None)
+            error = explain(split, e) if explain is not None else None
+            if error is None:
+                raise
+            raise error from None
+
+    # ----------------------------------------------------------- checkpoints
+    def _save(self, result: Dict[str, float]) -> None:
+        """The epoch's checkpoints; a stop request that came meanwhile stops here."""
+        self.checkpointer.keep_best(result)
+        self.checkpointer.save_rolling()
+        requested = self.stop_vote.requested()
+        if requested:
+            raise Preempted(f"stopped by {requested} after epoch {int(self.epoch.numpy())}; "
+                            f"checkpoint saved: run the same command to resume")
