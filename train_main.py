@@ -67,7 +67,7 @@ def main(argv):
             for key, value in trainer.evaluate().items():
                 print(f"{key}: {value:.4f}")
         elif FLAGS.mode == "benchmark":
-            from engine.benchmark import run_benchmark
+            from engine.bench.run import run_benchmark
             run_benchmark(config)
         else:
             from engine.export import export_saved_model
