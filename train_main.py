@@ -160,7 +160,7 @@ def _run_mode(config, mode: str, signals: Optional[StopSignals]) -> None:
         for key, value in trainer.evaluate(save=False).items():  # eval writes nothing
             print(f"{key}: {value:.4f}")
     elif mode == "benchmark":
-        from engine.benchmark import run_benchmark
+        from engine.bench.run import run_benchmark
         run_benchmark(config)
     else:
         from engine.export import export_saved_model

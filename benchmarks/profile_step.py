@@ -4,7 +4,7 @@
     python benchmarks/profile_step.py --backbone=inceptionv3 --input_size=96 --batch_size=16
 
 One process, one model, one synthetic batch repeated; the arms' windows are
-alternated as in `--mode=benchmark` (engine/benchmark.py), so each ratio is
+alternated as in `--mode=benchmark` (engine/bench/arms.py), so each ratio is
 taken between windows measured side by side. Every arm trains the same
 model's variables (each with its own optimizer), K steps per traced call:
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import sys
-import types
 
 from absl import app, flags
 
@@ -43,7 +42,7 @@ FLAGS = flags.FLAGS
 
 
 def bare_loops(model, loss_fn, optimizer, keras_optimizer):
-    """{name: tf.function(iterator, k) -> (loss, 0.)} of the four bare arms."""
+    """{name: run_steps(iterator, k) -> (loss, 0.)} of the four bare arms (each a traced loop)."""
     import tensorflow as tf
 
     variables = model.trainable_variables
@@ -63,7 +62,10 @@ def bare_loops(model, loss_fn, optimizer, keras_optimizer):
                     else:  # keep the gradients alive, as an apply would
                         loss += 0.0 * tf.add_n([tf.reduce_sum(g) for g in grads])
             return loss, tf.constant(0.0)
-        return loop
+
+        def run_steps(iterator, num_steps):  # as Trainer.run_steps: K as a tensor, no retrace
+            return loop(iterator, tf.constant(num_steps, tf.int32))
+        return run_steps
 
     return {"bare": make(True, True), "bare/keras_opt": make(True, True, keras_optimizer),
             "forward+backward": make(False, True),
@@ -74,9 +76,10 @@ def main(argv):
     del argv
     import tensorflow as tf
 
-    from engine import benchmark, freeze
+    from engine import freeze
+    from engine.bench.arms import EngineArm, FitArm, LoopArm, alternate, ratios, summarize
     from engine.config import Config, DataConfig, ModelConfig, TrainConfig
-    from engine.optimizer import _make_keras_optimizer, make_schedule
+    from engine.optimizer import make_keras_optimizer, make_schedule
     from engine.trainer import Trainer
 
     k = FLAGS.steps_per_loop
@@ -91,23 +94,23 @@ def main(argv):
                                                  input_size=FLAGS.input_size, seed=0)))
     synthetic = tf.data.Dataset.from_tensors(batch).repeat()
     schedule = make_schedule(config.optimizer, trainer.steps_per_epoch, config.train.epochs)
-    optimizer = _make_keras_optimizer(config.optimizer, schedule, name="bare")
-    keras_optimizer = _make_keras_optimizer(config.optimizer, schedule, name="keras", fused=False)
-    arms = [benchmark._EngineArm("engine", "synthetic", trainer, synthetic, k)]
-    for name, loop in bare_loops(trainer.model, trainer.loss_fn, optimizer, keras_optimizer).items():
-        arms.append(benchmark._EngineArm(name, "synthetic", types.SimpleNamespace(train_loop=loop),
-                                         synthetic, k))
-    arms.append(benchmark._FitArm(trainer, synthetic, k))
+    optimizer = make_keras_optimizer(config.optimizer, schedule, name="bare")
+    keras_optimizer = make_keras_optimizer(config.optimizer, schedule, name="keras", fused=False)
+    arms = [EngineArm("engine", "synthetic", trainer, synthetic, k)]
+    for name, run_steps in bare_loops(trainer.model, trainer.loss_fn, optimizer,
+                                      keras_optimizer).items():
+        arms.append(LoopArm(name, "synthetic", run_steps, synthetic, k))
+    arms.append(FitArm(trainer, synthetic, k))
     for arm in arms:
         arm.warm_up(FLAGS.window_s)
-    benchmark.alternate(arms, FLAGS.windows, FLAGS.window_s)
+    alternate(arms, FLAGS.windows, FLAGS.window_s)
     bare = arms[1]
     print(f"{FLAGS.backbone} {FLAGS.input_size}x{FLAGS.input_size} batch {FLAGS.batch_size}, "
           f"K={k}, {FLAGS.windows} alternated windows of >= {FLAGS.window_s} s")
     print(f"{'arm':<18} {'steps/s':>9} {'ms/step':>8}  {'/ bare (median [min - max])':<28}")
     for arm in arms:
-        s = benchmark._summary(arm.rates())
-        r = benchmark._ratios(arm, bare)
+        s = summarize(arm.rates())
+        r = ratios(arm, bare)
         print(f"{arm.name:<18} {s['median']:9.2f} {1000 / s['median']:8.2f}  "
               f"{r['median']:.3f} [{r['min']:.3f} - {r['max']:.3f}]")
     return 0

@@ -7,7 +7,7 @@
 The set: tiny_cnn at 32 and mobilenetv2 at 128 (global batch 32), inceptionv3
 at 96 (batch 16), K = 20 steps per call, unfrozen, EMA off, float32. Each backbone is ONE
 process whose arms are all timed in alternated windows against its
-engine/synthetic arm (engine/benchmark.py explains the timing):
+engine/synthetic arm (engine/bench/arms.py explains the timing):
 
     engine/synthetic   the reference: one in-memory batch repeated
     engine/real        the training pipeline        -> real / synthetic
@@ -28,7 +28,10 @@ step) lasts ~20 s whatever --window_s says. Roughly: tiny_cnn 2 min,
 mobilenetv2 10 min, inceptionv3 15-20 min. --quick: 3 windows of 1 s.
 
 Every run gets its own model_dir under --work_dir; the records of all runs
-(their benchmark.jsonl files) become markdown tables in --out.
+(their benchmark.jsonl files) become markdown tables in --out. The project's
+targets (TARGETS below; `--mode=benchmark` itself reports measured numbers
+only) are checked here: met or MISSED is printed after each run and at the
+end, and shown in the comparisons table.
 """
 from __future__ import annotations
 
@@ -44,26 +47,87 @@ from absl import app, flags
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from engine.bench.report import markdown_table, record_ratio, target_text  # noqa: E402 (no TF)
+
 # (backbone, input size, global batch): inceptionv3 at batch 16, as its targets are stated.
 STANDARD = (("tiny_cnn", 32, 32), ("mobilenetv2", 128, 32), ("inceptionv3", 96, 16))
 COMPARE = ("keras_fit", "ema", "frozen", "mirrored1", "k1")
+REFERENCE = "engine/synthetic"  # the arm every ratio of a run is taken against
 
-flags.DEFINE_boolean("quick", False, "3 windows of 1 s instead of 5 of 2 s.")
-flags.DEFINE_integer("windows", 0, "Timed windows per arm (0: 5, or 3 with --quick).")
-flags.DEFINE_float("window_s", 0.0, "Seconds per window (0: 2.0, or 1.0 with --quick).")
-flags.DEFINE_list("backbones", [s[0] for s in STANDARD], "Which of the standard backbones to run.")
-flags.DEFINE_list("compare", list(COMPARE), "--benchmark_compare of every run.")
-flags.DEFINE_integer("batch_size", 0, "Global batch size of every run (0: the set's own, 16 for inceptionv3, else 32).")
-flags.DEFINE_integer("steps_per_loop", 20, "K, steps per traced call (k1 compares it with 1).")
-flags.DEFINE_string("mixed_precision", "float32", "Passed on: float32 or bfloat16.")
-flags.DEFINE_string("work_dir", "/tmp/tapeworks_bench", "Model dirs of the runs go under here.")
-flags.DEFINE_string("cache_dir", "", "Passed on as --cache_dir (empty: train_main's default).")
-flags.DEFINE_string("out", os.path.join(REPO, "benchmarks", "results.md"), "The markdown file.")
-flags.DEFINE_boolean("dry_run", False, "Print the commands, run nothing.")
-flags.DEFINE_list("include", [], "benchmark.jsonl files of earlier runs whose records join the "
-                  "table (e.g. one backbone re-run after a change: run it alone and include "
-                  "the others').")
+# Targets from the tracker, checked on the records: ratio prefix ->
+# [(lowest acceptable median, the backbones it applies to (None: all),
+#   the fit arm it applies to: "spe=1", "spe=K" (the engine's K) or None: any)].
+TARGETS = {
+    "ema_over_off": [(0.97, None, None)],  # EMA costs at most 3%
+    "frozen_over_unfrozen": [(3.0, ("inceptionv3",), None)],
+    "mirrored1_over_default": [(0.95, None, None)],
+    "real_over_synthetic": [(0.95, None, None)],
+    "engine_over_fit": [(1.15, ("inceptionv3",), "spe=1"), (1.0, ("inceptionv3",), "spe=K"),
+                        (1.25, ("tiny_cnn",), "spe=K")],  # tiny_cnn: with K >= 20
+}
+# Achieved FLOP/s over the matmul peak, unfrozen engine/synthetic arm.
+PEAK_FRACTION_TARGET = (0.60, ("inceptionv3",))
 FLAGS = flags.FLAGS
+
+
+def target_for(prefix: str, backbone: str, arm: str = "", steps_per_loop: int = 1):
+    """The tracker's lowest acceptable median for a ratio, if it has one for this arm (else None)."""
+    for low, backbones, fit_arm in TARGETS.get(prefix, ()):
+        if backbones is not None and backbone not in backbones:
+            continue
+        if fit_arm == "spe=1" and arm != "keras_fit/spe=1":
+            continue
+        if fit_arm == "spe=K" and (arm != f"keras_fit/spe={steps_per_loop}" or steps_per_loop == 1
+                                   or (backbone == "tiny_cnn" and steps_per_loop < 20)):
+            continue
+        return low
+    return None
+
+
+def judge(records):
+    """Adds <ratio>_target and <ratio>_meets_target (and fraction_of_peak_target, ..._meets_target)
+    to the records a target applies to; returns the judged records' lines, "met" or "MISSED"."""
+    k_of_run = {r["run_id"]: r["steps_per_loop"] for r in records if r["arm"] == REFERENCE}
+    lines = []
+    for r in records:
+        for key in [key for key in r if key.endswith("_target")]:
+            del r[key]  # an older engine's verdict: judged again by today's targets
+        found = record_ratio(r)
+        if found is not None:
+            prefix, label = found
+            low = target_for(prefix, r["backbone"], r["arm"],
+                             k_of_run.get(r["run_id"], r["steps_per_loop"]))
+            if low is not None:
+                r[f"{prefix}_target"], r[f"{prefix}_meets_target"] = low, r[f"{prefix}_median"] >= low
+                lines.append(f"{r['backbone']} {label} {r[f'{prefix}_median']:.3f}  "
+                             f"{target_text(r, prefix)}")
+        low, backbones = PEAK_FRACTION_TARGET
+        if (r["arm"] == REFERENCE and not r["frozen"] and r["backbone"] in backbones
+                and "fraction_of_peak" in r):
+            r["fraction_of_peak_target"] = low
+            r["fraction_of_peak_meets_target"] = r["fraction_of_peak"] >= low
+            lines.append(f"{r['backbone']} achieved FLOP/s / matmul peak {r['fraction_of_peak']:.3f}"
+                         f"  {target_text(r, 'fraction_of_peak')}")
+    return lines
+
+
+def define_flags():
+    """The script's flags (defined when it runs, so tests can import target_for)."""
+    flags.DEFINE_boolean("quick", False, "3 windows of 1 s instead of 5 of 2 s.")
+    flags.DEFINE_integer("windows", 0, "Timed windows per arm (0: 5, or 3 with --quick).")
+    flags.DEFINE_float("window_s", 0.0, "Seconds per window (0: 2.0, or 1.0 with --quick).")
+    flags.DEFINE_list("backbones", [s[0] for s in STANDARD], "Which of the standard backbones to run.")
+    flags.DEFINE_list("compare", list(COMPARE), "--benchmark_compare of every run.")
+    flags.DEFINE_integer("batch_size", 0, "Global batch size of every run (0: the set's own, 16 for inceptionv3, else 32).")
+    flags.DEFINE_integer("steps_per_loop", 20, "K, steps per traced call (k1 compares it with 1).")
+    flags.DEFINE_string("mixed_precision", "float32", "Passed on: float32 or bfloat16.")
+    flags.DEFINE_string("work_dir", "/tmp/tapeworks_bench", "Model dirs of the runs go under here.")
+    flags.DEFINE_string("cache_dir", "", "Passed on as --cache_dir (empty: train_main's default).")
+    flags.DEFINE_string("out", os.path.join(REPO, "benchmarks", "results.md"), "The markdown file.")
+    flags.DEFINE_boolean("dry_run", False, "Print the commands, run nothing.")
+    flags.DEFINE_list("include", [], "benchmark.jsonl files of earlier runs whose records join the "
+                      "table (e.g. one backbone re-run after a change: run it alone and include "
+                      "the others').")
 
 
 def standard_runs(backbones, *, compare=COMPARE, steps_per_loop=20, mixed_precision="float32",
@@ -89,54 +153,90 @@ def main(argv):
     if unknown:
         print(f"error: --backbones: {','.join(unknown)} not in the standard set", file=sys.stderr)
         return 2
-    windows = FLAGS.windows or (3 if FLAGS.quick else 5)
-    window_s = FLAGS.window_s or (1.0 if FLAGS.quick else 2.0)
+    missing = [path for path in FLAGS.include if not os.path.isfile(path)]
+    if missing:
+        print(f"error: --include: {missing[0]} not found", file=sys.stderr)
+        return 2
+    records = [r for path in FLAGS.include for r in _read_records(path)]
     root = os.path.join(FLAGS.work_dir, time.strftime("%Y%m%dT%H%M%S"))
-    records, failures, durations = [], [], []
-    for path in FLAGS.include:
-        if not os.path.isfile(path):
-            print(f"error: --include: {path} not found", file=sys.stderr)
-            return 2
-        with open(path) as f:
-            records += [json.loads(line) for line in f if line.strip()]
     started = time.time()
     runs = standard_runs(FLAGS.backbones, compare=FLAGS.compare,
                          steps_per_loop=FLAGS.steps_per_loop,
                          mixed_precision=FLAGS.mixed_precision, batch_size=FLAGS.batch_size)
+    failures, durations = [], []
     for i, (tag, extra) in enumerate(runs):
         model_dir = os.path.join(root, tag)
-        cmd = [sys.executable, os.path.join(REPO, "train_main.py"), "--mode=benchmark", *extra,
-               f"--benchmark_windows={windows}", f"--benchmark_window_s={window_s}",
-               f"--model_dir={model_dir}", "--noprogress"]
-        if FLAGS.cache_dir:
-            cmd.append(f"--cache_dir={FLAGS.cache_dir}")
+        cmd = _command(extra, model_dir)
         print(f"[{i + 1}/{len(runs)}] PYTHONPATH={REPO} {shlex.join(cmd)}", flush=True)
         if FLAGS.dry_run:
             continue
-        os.makedirs(model_dir, exist_ok=True)
-        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
         tic = time.time()
-        with open(os.path.join(model_dir, "run.log"), "w") as log:
-            rc = subprocess.call(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        new, failure = _run(cmd, model_dir, tag)
         durations.append(f"{tag} {time.time() - tic:.0f} s")
-        path = os.path.join(model_dir, "benchmark.jsonl")
-        if rc != 0 or not os.path.exists(path):
-            failures.append(f"{tag}: exit {rc}, see {model_dir}/run.log")
-            print(f"  FAILED ({failures[-1]})", flush=True)
+        if failure:
+            failures.append(failure)
+            print(f"  FAILED ({failure})", flush=True)
             continue
-        with open(path) as f:
-            new = [json.loads(line) for line in f if line.strip()]
         records += new
         print(f"  {durations[-1]}", flush=True)
-        for r in new:
-            ratio = f"  {r['ratio_label']} {r[r['ratio'] + '_median']:.3f}" if "ratio" in r else ""
-            print(f"  {r['arm']:<18} {r['median_steps_per_sec']:9.2f} steps/s "
-                  f"(spread {100 * r['spread_steps_per_sec']:.1f}%){ratio}", flush=True)
+        _print_run(new)
     if FLAGS.dry_run:
         return 0
+    verdicts = judge(records)
+    print("targets:" + "".join(f"\n  {line}" for line in verdicts) if verdicts
+          else "targets: none applies to these runs", flush=True)
+    _write_markdown(records, failures, durations, root, time.time() - started)
+    return 1 if failures else 0
+
+
+def _read_records(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _command(extra, model_dir):
+    """The train_main.py --mode=benchmark command of one run."""
+    windows = FLAGS.windows or (3 if FLAGS.quick else 5)
+    window_s = FLAGS.window_s or (1.0 if FLAGS.quick else 2.0)
+    cmd = [sys.executable, os.path.join(REPO, "train_main.py"), "--mode=benchmark", *extra,
+           f"--benchmark_windows={windows}", f"--benchmark_window_s={window_s}",
+           f"--model_dir={model_dir}", "--noprogress"]
+    if FLAGS.cache_dir:
+        cmd.append(f"--cache_dir={FLAGS.cache_dir}")
+    return cmd
+
+
+def _run(cmd, model_dir, tag):
+    """Runs one benchmark process; (its records, None) or ([], what failed)."""
+    os.makedirs(model_dir, exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    with open(os.path.join(model_dir, "run.log"), "w") as log:
+        rc = subprocess.call(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    path = os.path.join(model_dir, "benchmark.jsonl")
+    if rc != 0 or not os.path.exists(path):
+        return [], f"{tag}: exit {rc}, see {model_dir}/run.log"
+    return _read_records(path), None
+
+
+def _print_run(records):
+    """A line per arm: its rate and the ratio it carries, met or MISSED where a target applies."""
+    judge(records)
+    for r in records:
+        found = record_ratio(r)
+        ratio = ""
+        if found is not None:
+            prefix, label = found
+            ratio = f"  {label} {r[prefix + '_median']:.3f}"
+            ratio += f"  {target_text(r, prefix)}" if f"{prefix}_target" in r else ""
+        print(f"  {r['arm']:<18} {r['median_steps_per_sec']:9.2f} steps/s "
+              f"(spread {100 * r['spread_steps_per_sec']:.1f}%){ratio}", flush=True)
+
+
+def _write_markdown(records, failures, durations, root, seconds):
+    """The records of all runs as markdown tables in --out, under a header of how they were made."""
     # Imported only now: it imports TensorFlow, which this parent process
     # should not hold (threads, memory) while the runs are measured.
-    from engine.benchmark import machine_info, markdown_table
+    from engine.bench.machine import machine_info
     m = machine_info()
     text = [
         "# tapeworks standard benchmark",
@@ -146,7 +246,7 @@ def main(argv):
         f"Keras {m['keras']}, Python {m['python']}.",
         "",
         f"Made by `{shlex.join(['python', 'benchmarks/run_standard.py', *sys.argv[1:]])}` "
-        f"in {time.time() - started:.0f} s "
+        f"in {seconds:.0f} s "
         f"({'; '.join(durations)}): one `train_main.py --mode=benchmark` process per backbone, "
         f"global batch {FLAGS.batch_size or 'per backbone (inceptionv3 16, others 32)'}, "
         f"K={FLAGS.steps_per_loop}, "
@@ -161,8 +261,8 @@ def main(argv):
     with open(FLAGS.out, "w") as f:
         f.write("\n".join(text))
     print(f"wrote {FLAGS.out} ({len(records)} records, {len(failures)} failed runs)")
-    return 1 if failures else 0
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -21,7 +21,7 @@ THRESHOLD_OBJECTIVES = ("samples", "per_label")
 TASKS = ("multilabel", "multiclass", "segmentation")
 SEG_MODELS = ("unet", "deeplabv3plus")  # --task=segmentation (models/segmentation.py)
 BENCHMARK_INPUTS = ("synthetic", "real", "both")
-# --benchmark_compare: a comma list of these (engine/benchmark.py runs them side by side).
+# --benchmark_compare: a comma list of these (engine/bench/run.py runs them side by side).
 BENCHMARK_COMPARES = ("none", "keras_fit", "ema", "frozen", "mirrored1", "k1")
 # --mixed_precision: Keras mixed policies; float16 adds dynamic loss scaling (precision.py).
 MIXED_PRECISIONS = ("float32", "bfloat16", "float16")
@@ -166,7 +166,7 @@ class TrainConfig:
     early_stop_patience: int = 0
     plateau_patience: int = 0
     plateau_factor: float = 0.1
-    # Only --mode=benchmark honours these two so far (engine/benchmark.py sets
+    # Only --mode=benchmark honours these two so far (engine/bench/run.py sets
     # the Keras policy; XLA needs a hook in engine/steps.py, see there).
     mixed_precision: str = "float32"  # float32 | bfloat16 | float16 (loss-scaled; precision.py)
     jit_compile: bool = False  # XLA for the train step; slower on CPU (DESIGN.md)
@@ -179,7 +179,7 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class BenchmarkConfig:
-    """--mode=benchmark only: timed windows of the train step (engine/benchmark.py)."""
+    """--mode=benchmark only: timed windows of the train step (engine/bench/)."""
     window_s: float = 2.0  # each timed window lasts at least this long
     windows: int = 5
     input: str = "synthetic"  # synthetic | real | both

@@ -132,7 +132,7 @@ class FusedSGD(keras.optimizers.SGD):
             lr=lr, grad=grad, momentum=tf.cast(self.momentum, dtype), use_nesterov=self.nesterov)
 
 
-def _make_keras_optimizer(cfg: OptimizerConfig, learning_rate: Callable, name: str,
+def make_keras_optimizer(cfg: OptimizerConfig, learning_rate: Callable, name: str,
                           fused: bool = True):
     """The configured optimizer; fused: the Fused* subclasses (same math, fewer passes)."""
     common = dict(learning_rate=learning_rate, name=name)
@@ -214,7 +214,7 @@ def make_param_groups(cfg: OptimizerConfig, groups: Dict[str, Sequence], keys: D
         def learning_rate(multiplier=multiplier):
             return schedule(global_step) * lr_scale * multiplier
 
-        opt = _make_keras_optimizer(cfg, learning_rate, name=f"{name}_optimizer")
+        opt = make_keras_optimizer(cfg, learning_rate, name=f"{name}_optimizer")
         out[name] = ParamGroup(name, opt, variables, keys, kind=cfg.name)
     return out
 

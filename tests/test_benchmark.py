@@ -1,4 +1,8 @@
 """The steps/sec harness: records, their numbers, the alternated comparison arms, FLOPs."""
+import ast
+import copy
+import glob
+import importlib.util
 import json
 import math
 import os
@@ -10,13 +14,26 @@ import pytest
 import tensorflow as tf
 from absl import flags
 
-from engine import distribute
 from engine import flags as engine_flags
-from engine.benchmark import format_table, graph_flops, markdown_table, run_benchmark, target_for
+from engine.bench.flops import graph_flops
+from engine.bench.report import format_table, markdown_table
+from engine.bench.run import run_benchmark
 from engine.config import (BenchmarkConfig, Config, ConfigError, DataConfig, ModelConfig,
                            TrainConfig)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_run_standard():
+    """benchmarks/run_standard.py as a module (its flags are defined only when it runs)."""
+    spec = importlib.util.spec_from_file_location(
+        "run_standard", os.path.join(REPO, "benchmarks", "run_standard.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+run_standard = _load_run_standard()
 FIELDS = [
     "arm", "tensorflow", "keras", "numpy", "cpu_model", "cores", "inter_op_threads",
     "intra_op_threads", "backbone", "input_shape", "global_batch", "precision", "strategy",
@@ -52,10 +69,8 @@ def _config(cache, model_dir, train=None, **bench):
 def full_run(embedded_cache, tmp_path_factory):
     """Every arm at once: synthetic and real input and all five comparisons."""
     model_dir = tmp_path_factory.mktemp("bench")
-    make_strategy = distribute.make_strategy
     records = run_benchmark(_config(embedded_cache, model_dir, window_s=0.15, windows=2,
                                     input="both", compare=ALL))
-    assert distribute.make_strategy is make_strategy  # the mirrored arm's override is undone
     return records, model_dir
 
 
@@ -108,10 +123,25 @@ def test_every_comparison_has_a_positive_ratio_per_round(full_run):
     assert arms["engine/mirrored1"]["replicas"] == 1  # on a CPU the session split into 2 devices
     assert arms["engine/synthetic"]["strategy"] == "default"
     assert arms["keras_fit/spe=5"]["steps_per_execution"] == 5
+
+
+def test_records_carry_measurements_only_and_the_standard_set_judges_them(full_run):
+    records, _ = full_run
+    assert not [k for r in records for k in r if "target" in k]
+    assert "target" not in format_table(records)
+    judged = copy.deepcopy(records)
+    verdicts = run_standard.judge(judged)
+    arms = {r["arm"]: r for r in judged}
     # Targets from the tracker are checked where they apply (frozen: inceptionv3 only).
-    assert "ema_over_off_target" in arms["engine/ema=0.999"]
-    assert "mirrored1_over_default_target" in arms["engine/mirrored1"]
+    assert arms["engine/ema=0.999"]["ema_over_off_target"] == 0.97
+    assert arms["engine/ema=0.999"]["ema_over_off_meets_target"] == (
+        arms["engine/ema=0.999"]["ema_over_off_median"] >= 0.97)
+    assert arms["engine/mirrored1"]["mirrored1_over_default_target"] == 0.95
+    assert arms["engine/real"]["real_over_synthetic_target"] == 0.95
     assert "frozen_over_unfrozen_target" not in arms["engine/frozen"]
+    assert "fraction_of_peak_target" not in arms["engine/synthetic"]  # inceptionv3 only
+    assert len(verdicts) == 3 and all(v.endswith((": met", ": MISSED")) for v in verdicts)
+    assert markdown_table(judged).count("| target >= ") == 3
 
 
 def test_flop_fields_are_positive_and_consistent(full_run):
@@ -237,8 +267,6 @@ def test_benchmark_flags_map_to_config():
     assert _parse([]).train.mixed_precision == "float32" and not _parse([]).train.jit_compile
 
 
-
-
 def test_standard_set_dry_run_lists_one_process_per_backbone():
     out = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "run_standard.py"),
                           "--dry_run", "--work_dir=/nonexistent"],
@@ -253,6 +281,24 @@ def test_standard_set_dry_run_lists_one_process_per_backbone():
     assert not os.path.exists("/nonexistent")
 
 
+def test_the_benchmark_uses_no_private_names_of_other_modules():
+    """engine/bench and benchmarks/ drive the engine through its public API only."""
+    paths = glob.glob(os.path.join(REPO, "engine", "bench", "*.py")) + glob.glob(
+        os.path.join(REPO, "benchmarks", "*.py"))
+    found = []
+    for path in paths:
+        tree = ast.parse(open(path).read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                found += [(path, a.name) for a in node.names if a.name.startswith("_")]
+            elif (isinstance(node, ast.Attribute) and node.attr.startswith("_")
+                  and not node.attr.startswith("__")
+                  and not (isinstance(node.value, ast.Name) and node.value.id == "self")):
+                found.append((path, node.attr))
+    assert not found
+    assert not os.path.exists(os.path.join(REPO, "engine", "benchmark.py"))
+
+
 def test_standard_set_include_of_a_missing_records_file_is_a_one_line_error(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "run_standard.py"),
                              "--dry_run", f"--include={tmp_path}/nope.jsonl"],
@@ -262,6 +308,7 @@ def test_standard_set_include_of_a_missing_records_file_is_a_one_line_error(tmp_
 
 
 def test_targets_apply_to_the_arms_the_tracker_names():
+    target_for = run_standard.target_for
     assert target_for("engine_over_fit", "inceptionv3", "keras_fit/spe=1", 20) == 1.15
     assert target_for("engine_over_fit", "inceptionv3", "keras_fit/spe=20", 20) == 1.0
     assert target_for("engine_over_fit", "tiny_cnn", "keras_fit/spe=20", 20) == 1.25

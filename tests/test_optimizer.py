@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from engine.config import OptimizerConfig
-from engine.optimizer import (FusedAdam, FusedAdamW, FusedSGD, _make_keras_optimizer,
+from engine.optimizer import (FusedAdam, FusedAdamW, FusedSGD, make_keras_optimizer,
                               make_param_groups, make_schedule)
 
 
@@ -84,7 +84,7 @@ def test_fused_optimizers_give_keras_own_weights_and_slots(name, extra):
     results = []
     for fused in (False, True):
         weights = [keras.Variable(w) for w in start]
-        opt = _make_keras_optimizer(cfg, 0.01, name=f"opt_{fused}", fused=fused)
+        opt = make_keras_optimizer(cfg, 0.01, name=f"opt_{fused}", fused=fused)
         assert isinstance(opt, (FusedAdam, FusedAdamW, FusedSGD)) == fused
         opt.build(weights)
         step = tf.function(lambda g: opt.apply(g, weights))
@@ -102,7 +102,7 @@ def test_fused_adam_under_a_two_replica_mirrored_strategy_updates_both_copies_al
         pytest.skip("needs two virtual CPUs")
     with strategy.scope():
         w = keras.Variable(np.ones([3], np.float32))
-        opt = _make_keras_optimizer(OptimizerConfig(name="adam", learning_rate=0.1), 0.1, "mirrored")
+        opt = make_keras_optimizer(OptimizerConfig(name="adam", learning_rate=0.1), 0.1, "mirrored")
         opt.build([w])
 
     @tf.function
