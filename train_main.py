@@ -54,9 +54,10 @@ def main(argv):
         os.environ["TF_ENABLE_ONEDNN_OPTS"] = "0"
     try:
         config = engine_flags.config_from_flags()
-        if FLAGS.mode not in ("train", "eval", "benchmark", "export"):
+        from engine.config import MODES
+        if FLAGS.mode not in MODES:
             from engine.config import ConfigError
-            raise ConfigError(f"--mode={FLAGS.mode} is not one of train, eval, benchmark, export")
+            raise ConfigError(f"--mode={FLAGS.mode} is not one of {', '.join(MODES)}")
         from engine.trainer import Trainer
         if FLAGS.mode == "train":
             model_dir = os.path.expanduser(config.train.model_dir)
@@ -69,6 +70,9 @@ def main(argv):
         elif FLAGS.mode == "benchmark":
             from engine.benchmark import run_benchmark
             run_benchmark(config)
+        elif FLAGS.mode == "predict":
+            from engine.predict import predict
+            print(predict(config))
         else:
             from engine.export import export_saved_model
             print(export_saved_model(config))

@@ -235,7 +235,7 @@ def pick_checkpoint(model_dir: str, export_from: str) -> Tuple[str, str]:
             return path, "best by --best_metric" + _skipped_note(skipped)
     latest = _newest_readable(os.path.join(model_dir, "checkpoints"), skipped)
     if latest is None:
-        raise StateError(f"--model_dir={model_dir} has no checkpoint to export (nothing "
+        raise StateError(f"--model_dir={model_dir} has no checkpoint to use (nothing "
                          f"readable in {os.path.join(model_dir, 'checkpoints')}"
                          f"{_skipped_note(skipped)}); train first")
     why = "latest" if export_from == "latest" else \
