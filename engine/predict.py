@@ -23,7 +23,10 @@ validation split on exactly those weights (engine/export.py's own
 functions). Or --predict_model=DIR, an exported SavedModel: its
 serving_default on pixels, and the label names and thresholds of its
 metadata signature. A tag is a label whose probability >= its threshold
-(0.5 when no threshold was searched: no validation examples).
+(0.5 when no threshold was searched: no validation examples); multiclass
+too, so tags are the exported `decisions`. Probabilities are written with 6
+decimals. The checkpoint route costs one validation pass per run (the
+threshold search); predicting from an export skips it.
 
 Images are decoded and resized by validation's own function
 (engine/data/decode.py decode_for_eval), so a file gets the probabilities
