@@ -71,8 +71,9 @@ def _main(argv, signals: Optional[StopSignals]) -> int:
     config = None
     try:
         config = engine_flags.config_from_flags()
-        if FLAGS.mode not in ("train", "eval", "benchmark", "export"):
-            raise ConfigError(f"--mode={FLAGS.mode} is not one of train, eval, benchmark, export")
+        from engine.config import MODES
+        if FLAGS.mode not in MODES:
+            raise ConfigError(f"--mode={FLAGS.mode} is not one of {', '.join(MODES)}")
         with _claim_model_dir(config, FLAGS.mode):  # before anything is written into it
             _run_mode(config, FLAGS.mode, signals)
     except Preempted as e:
@@ -131,7 +132,7 @@ def _claim_model_dir(config, mode: str):
             lock.release()
             raise
         return lock
-    if mode in ("eval", "export"):
+    if mode in ("eval", "export", "predict"):
         lock = run_dir.lock_for_reading(model_dir, shown=shown)
         _warn(lock.warning)
         return lock
@@ -162,6 +163,9 @@ def _run_mode(config, mode: str, signals: Optional[StopSignals]) -> None:
     elif mode == "benchmark":
         from engine.bench.run import run_benchmark
         run_benchmark(config)
+    elif mode == "predict":
+        from engine.predict import predict
+        print(predict(config))
     else:
         from engine.export import export_saved_model
         print(export_saved_model(config))

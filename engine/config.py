@@ -15,7 +15,7 @@ BACKBONES = ("inceptionv3", "resnet50", "mobilenetv2", "efficientnetb0", "tiny_c
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop")
 SCHEDULES = ("constant", "cosine", "step")
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker")
-MODES = ("train", "eval", "benchmark", "export")
+MODES = ("train", "eval", "benchmark", "export", "predict")
 # --threshold_objective: what the per-label threshold search maximises (engine/metrics.py).
 THRESHOLD_OBJECTIVES = ("samples", "per_label")
 TASKS = ("multilabel", "multiclass", "segmentation")
@@ -192,6 +192,14 @@ class BenchmarkConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PredictConfig:
+    """--mode=predict only (engine/predict.py): what to predict on, where to, with what."""
+    input: str = ""   # a folder of images, a CSV/text list of images, or TFRecords
+    output: str = ""  # the submission CSV; the probabilities CSV goes next to it
+    model: str = ""   # an exported SavedModel dir; empty: model_dir's checkpoint (--export_from)
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -200,6 +208,7 @@ class Config:
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
     benchmark: BenchmarkConfig = BenchmarkConfig()
+    predict: PredictConfig = PredictConfig()
 
     def replace(self, **groups) -> "Config":
         """Returns a copy with some fields of some groups changed.

@@ -1,7 +1,7 @@
 """--mode=export: a checkpoint as a SavedModel that serves what was validated.
 
     python train_main.py --mode=export --flagfile=runs/x/flags.txt
-      -> runs/x/export/<global_step>/   (SavedModel + labels.txt + thresholds.json)
+      -> runs/x/export/<global_step>/   (SavedModel + model.keras + labels.txt + thresholds.json)
 
 Which checkpoint: --export_from=best (default; model_dir/best/, the one
 --best_metric picked, or the latest with a note when best/ is empty), latest
@@ -15,10 +15,19 @@ Signatures:
   for segmentation: principle 5, probabilities at the edges) and, except for
   segmentation, `decisions` (probabilities >= each label's threshold, as
   float32 0/1).
+* `serving_bytes` takes `image_bytes`, tf.string [None] (PNG or JPEG files,
+  any size), decodes and resizes them with validation's own function
+  (engine/data/decode.py decode_for_eval) and returns the same outputs: a
+  client need not know the resize method.
 * `metadata` takes nothing and returns `label_names`, `thresholds` (when
   there are decisions), `threshold_objective`, `weights` ("ema"/"raw") and
   `step`; the same values are constants on the loaded object
   (`loaded.label_names`, `loaded.thresholds`). A server needs nothing else.
+
+model.keras: the same weights as a Keras model, pixels -> probabilities
+(probabilities_model), for `keras.models.load_model(path)` with no
+tapeworks import (only built-in layers and ops; the legacy-format SavedModel
+is refused by load_model). Same outputs as serving_default's probabilities.
 
 Thresholds are searched at export time, with one pass over the validation
 split on the exact weights being written, by --threshold_objective and
@@ -41,11 +50,13 @@ import shutil
 import tempfile
 from typing import Optional, Tuple
 
+import keras
 import numpy as np
 import tensorflow as tf
 
 from engine.config import Config
 from engine.data import open_data
+from engine.data.decode import decode_for_eval
 from engine.evaluation import search_validation_thresholds
 from engine.metrics import save_thresholds
 from engine.state import (StateError, TrainingState, checkpoint_is_readable,
@@ -53,7 +64,9 @@ from engine.state import (StateError, TrainingState, checkpoint_is_readable,
 from models import build_model
 
 SIGNATURE = "serving_default"
+BYTES_SIGNATURE = "serving_bytes"
 METADATA_SIGNATURE = "metadata"
+KERAS_FILE = "model.keras"
 
 
 class ServingModule(tf.Module):
@@ -73,8 +86,11 @@ class ServingModule(tf.Module):
         self.threshold_objective = _fixed(objective if thresholds is not None else "", tf.string)
         self.weights = _fixed(weights, tf.string)
         self.step = _fixed(int(step), tf.int64)
+        self.input_size = input_size
         spec = tf.TensorSpec([None, input_size, input_size, 3], tf.float32, name="images")
         self.serve = tf.function(self._serve, input_signature=[spec])
+        self.serve_bytes = tf.function(self._serve_bytes, input_signature=[
+            tf.TensorSpec([None], tf.string, name="image_bytes")])
         self.metadata = tf.function(self._metadata, input_signature=[])
 
     def _serve(self, images):
@@ -84,6 +100,20 @@ class ServingModule(tf.Module):
         if self.thresholds is not None:
             out["decisions"] = tf.cast(probs >= self.thresholds, tf.float32)
         return out
+
+    def _serve_bytes(self, image_bytes):
+        """Encoded PNG/JPEG files in, decoded and resized exactly as validation does."""
+        size = self.input_size
+
+        def decode(args):
+            data, index = args
+            return decode_for_eval(data, size, tf.strings.join(
+                ["serving_bytes image_bytes[", tf.strings.as_string(index), "]"]))
+
+        indices = tf.range(tf.shape(image_bytes, out_type=tf.int64)[0])
+        images = tf.map_fn(decode, (image_bytes, indices),
+                           fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))
+        return self._serve(images)
 
     def _metadata(self):
         out = {"label_names": self.label_names, "threshold_objective": self.threshold_objective,
@@ -117,16 +147,11 @@ def export_saved_model(config: Config) -> str:
     """
     c = config.validated()
     model_dir = os.path.abspath(os.path.expanduser(c.train.model_dir))
-    path, origin = pick_checkpoint(model_dir, c.train.export_from)
-    data = open_data(c.data.data_dir, os.path.expanduser(c.data.cache_dir), seed=c.train.seed,
-                     task=c.model.task, skip_bad_records=c.data.skip_bad_records)
-    model = build_model(c.model.backbone, c.model.input_size, data.num_labels, task=c.model.task,
-                        weights=None, dropout=c.model.dropout, sync_bn=False, seed=c.train.seed,
-                        bn_momentum=c.model.bn_momentum, seg_model=c.model.seg_model,
-                        unet_depth=c.model.unet_depth, unet_filters=c.model.unet_filters)
-    restored = restore_for_serving(model, path, origin, c)
+    checkpoint = pick_checkpoint(model_dir, c.train.export_from)  # before the data: fails fast
+    data = open_run_data(c)
+    model, restored = restore_serving_model(c, data.num_labels, checkpoint)
     multiclass = c.model.task in ("multiclass", "segmentation")
-    thresholds, scores = _thresholds_of(model, data, c, multiclass)
+    thresholds, scores = serving_thresholds(model, data, c)
     size = c.model.input_size
     module = ServingModule(model, size, multiclass=multiclass, label_names=data.label_names,
                            thresholds=thresholds, objective=c.train.threshold_objective,
@@ -138,22 +163,48 @@ def export_saved_model(config: Config) -> str:
     return (f"exported {'EMA' if restored.weights == 'ema' else 'raw'} weights of step "
             f"{restored.step} from {restored.path} ({restored.origin}) to {target} "
             f"({SIGNATURE}: images float32 [None,{size},{size},3] 0..255 -> {outputs}; "
-            f"{METADATA_SIGNATURE}: {meta}){scores}{restored.notes}")
+            f"{BYTES_SIGNATURE}: image_bytes string [None] PNG/JPEG -> the same; "
+            f"{METADATA_SIGNATURE}: {meta}; {KERAS_FILE}: keras.models.load_model, "
+            f"pixels -> probabilities){scores}{restored.notes}")
 
 
-def _thresholds_of(model, data, c: Config, multiclass: bool):
-    """(thresholds or None, text for the export line): searched now, on the restored weights.
+def open_run_data(c: Config):
+    """The run's data as the flags describe it: label names, and the val split thresholds need."""
+    return open_data(c.data.data_dir, os.path.expanduser(c.data.cache_dir), seed=c.train.seed,
+                     task=c.model.task, skip_bad_records=c.data.skip_bad_records)
+
+
+def restore_serving_model(c: Config, num_labels: int, checkpoint: Tuple[str, str]):
+    """(model, Restored): the run's model with the checkpoint's weights (--export_raw: which).
+
+    checkpoint: (prefix, why), from pick_checkpoint (--export_from).
+    Built with no backbone download and no synchronized BN (every weight
+    comes from the checkpoint; serving has one replica's view). Build it
+    under a strategy's scope to run it on several replicas (--mode=predict).
+    """
+    path, origin = checkpoint
+    model = build_model(c.model.backbone, c.model.input_size, num_labels, task=c.model.task,
+                        weights=None, dropout=c.model.dropout, sync_bn=False, seed=c.train.seed,
+                        bn_momentum=c.model.bn_momentum, seg_model=c.model.seg_model,
+                        unet_depth=c.model.unet_depth, unet_filters=c.model.unet_filters)
+    return model, restore_for_serving(model, path, origin, c)
+
+
+def serving_thresholds(model, data, c: Config):
+    """(thresholds or None, text for the output line): searched now, on the restored weights.
 
     Segmentation has no per-label decisions; a split without validation
-    examples has nothing to search on, and the export says so.
+    examples has nothing to search on, and the line says so. Export and
+    predict both call this, so predicted tags are the exported decisions.
     """
     if c.model.task == "segmentation":
         return None, ""
     if not getattr(data, "num_val", 1):
-        return None, "; no validation examples: exported without decisions"
+        return None, "; no validation examples: no thresholds searched, so no decisions"
     thresholds, metrics = search_validation_thresholds(
         model, data, input_size=c.model.input_size, batch_size=c.train.batch_size,
-        fbeta=c.loss.fbeta, objective=c.train.threshold_objective, multiclass=multiclass)
+        fbeta=c.loss.fbeta, objective=c.train.threshold_objective,
+        multiclass=c.model.task == "multiclass")
     b = f"{c.loss.fbeta:g}"
     return thresholds, (f"; thresholds searched now on val with these weights for "
                         f"--threshold_objective={c.train.threshold_objective}: val F{b} "
@@ -184,7 +235,7 @@ def pick_checkpoint(model_dir: str, export_from: str) -> Tuple[str, str]:
             return path, "best by --best_metric" + _skipped_note(skipped)
     latest = _newest_readable(os.path.join(model_dir, "checkpoints"), skipped)
     if latest is None:
-        raise StateError(f"--model_dir={model_dir} has no checkpoint to export (nothing "
+        raise StateError(f"--model_dir={model_dir} has no checkpoint to use (nothing "
                          f"readable in {os.path.join(model_dir, 'checkpoints')}"
                          f"{_skipped_note(skipped)}); train first")
     why = "latest" if export_from == "latest" else \
@@ -246,14 +297,17 @@ def restore_for_serving(model, path: str, origin: str, config: Config) -> Restor
 
 def _save_atomically(module: ServingModule, target: str, label_names, thresholds,
                      config: Config, restored: Restored) -> None:
-    """Writes SavedModel, labels.txt and thresholds.json next to target, then moves them in."""
+    """Writes SavedModel, model.keras, labels.txt and thresholds.json next to target, then moves them in."""
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     os.chmod(parent, 0o755)
     scratch = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(target)}-")
     try:
         tf.saved_model.save(module, scratch, signatures={
-            SIGNATURE: module.serve, METADATA_SIGNATURE: module.metadata})
+            SIGNATURE: module.serve, BYTES_SIGNATURE: module.serve_bytes,
+            METADATA_SIGNATURE: module.metadata})
+        probabilities_model(module.model, module.multiclass).save(
+            os.path.join(scratch, KERAS_FILE))
         with open(os.path.join(scratch, "labels.txt"), "w") as f:
             f.write("".join(f"{n}\n" for n in label_names))
         if thresholds is not None:
@@ -268,6 +322,23 @@ def _save_atomically(module: ServingModule, target: str, label_names, thresholds
     finally:
         if os.path.exists(scratch):
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def probabilities_model(model, multiclass: bool):
+    """What model.keras holds: pixels 0..255 -> probabilities, a plain Keras model.
+
+    The training model ends in logits (principle 5); a file a user loads
+    with `keras.models.load_model` is an edge, so it gives what
+    serving_default gives: sigmoid per label, or softmax over the classes
+    (per pixel for segmentation). The logits model is its layer "tapeworks"
+    (`loaded.get_layer("tapeworks")`). Only built-in Keras layers and ops:
+    loading needs no tapeworks import. Decisions are not in it: the
+    thresholds are in thresholds.json next to it.
+    """
+    inputs = keras.Input(tuple(model.input_shape[1:]), dtype="float32", name="images")
+    activation = keras.layers.Activation("softmax" if multiclass else "sigmoid",
+                                         dtype="float32", name="probabilities")
+    return keras.Model(inputs, activation(model(inputs)), name="tapeworks_probabilities")
 
 
 def make_world_readable(root: str) -> None:

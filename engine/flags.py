@@ -11,6 +11,7 @@ from absl import flags
 from engine.config import (DEFAULT_INPUT_SIZE, Config, ConfigError, DataConfig, FreezeConfig, LossConfig, ModelConfig,
                            OptimizerConfig, TrainConfig)
 from engine.config import BenchmarkConfig  # --mode=benchmark
+from engine.config import PredictConfig  # --mode=predict
 
 _d = Config()  # defaults live in one place: the dataclasses
 
@@ -66,7 +67,7 @@ flags.DEFINE_float("fbeta", _d.loss.fbeta, "Beta of the F-beta loss and metrics.
 flags.DEFINE_float("fbeta_weight", _d.loss.fbeta_weight, "Weight of fbeta in bce+fbeta.")
 flags.DEFINE_float("label_smoothing", _d.loss.label_smoothing, "Label smoothing for cross-entropy.")
 _section('Run')
-flags.DEFINE_string("mode", "train", "train, eval, benchmark or export.")
+flags.DEFINE_string("mode", "train", "train, eval, benchmark, export or predict.")
 flags.DEFINE_string("model_dir", _d.train.model_dir, "Checkpoints, logs and flags; the same dir again resumes.")
 flags.DEFINE_boolean("overwrite", _d.train.overwrite, "Start fresh on a --model_dir that holds an earlier run's results but no checkpoint to resume, moving them to model_dir/overwritten/<UTC time>/ (never deleted). A resumable checkpoint is still resumed. Not saved in flags.txt.")
 flags.DEFINE_integer("epochs", _d.train.epochs, "Number of epochs.")
@@ -112,6 +113,10 @@ flags.DEFINE_float("benchmark_window_s", _d.benchmark.window_s, "Minimum length 
 flags.DEFINE_integer("benchmark_windows", _d.benchmark.windows, "Timed windows per arm.")
 flags.DEFINE_string("benchmark_input", _d.benchmark.input, "synthetic (one in-memory batch), real (the training pipeline) or both (alternated).")
 flags.DEFINE_string("benchmark_compare", _d.benchmark.compare, "none, or a comma list of: keras_fit (Keras model.fit, same model and data), ema (EMA on vs off), frozen (frozen vs unfrozen phase), mirrored1 (one-replica MirroredStrategy vs default), k1 (1 step per call vs --steps_per_loop); all timed side by side, alternated.")
+_section('Predict (--mode=predict)')
+flags.DEFINE_string("predict_input", "", "--mode=predict: a folder of .png/.jpg/.jpeg images, a CSV with an image_name column (names resolved in the CSV's folder or its images/ subfolder, as for training) or a text file of image paths (one a line), or TFRecords (a .tfrecord file, a glob, or a folder of them).")
+flags.DEFINE_string("predict_output", "", "--mode=predict: the CSV to write (image_name,tags: the labels whose probability >= its threshold, space-separated); <stem>_probabilities.csv goes next to it. Segmentation: image_name,mask and <stem>_masks/NAME.png (class ids).")
+flags.DEFINE_string("predict_model", "", "--mode=predict: an exported SavedModel dir (labels and thresholds from its metadata); empty: the --model_dir checkpoint --export_from picks (EMA weights unless --export_raw), thresholds searched on val as export does.")
 
 _section("")  # the end of the last section
 
@@ -189,6 +194,8 @@ def config_from_flags(f=flags.FLAGS) -> Config:
             plateau_factor=f.plateau_factor, overwrite=f.overwrite),
         benchmark=BenchmarkConfig(window_s=f.benchmark_window_s, windows=f.benchmark_windows,
                                   input=f.benchmark_input, compare=f.benchmark_compare or "none"),
+        predict=PredictConfig(input=f.predict_input, output=f.predict_output,
+                              model=f.predict_model),
     ).validated()
 
 
@@ -197,7 +204,8 @@ def config_from_flags(f=flags.FLAGS) -> Config:
 # --mode=train would otherwise override the --mode=eval typed before
 # --flagfile (and a saved --overwrite would wipe the run on the next use).
 NOT_SAVED = ("mode", "overwrite", "allow_changed", "export_from", "export_raw",
-             "benchmark_window_s", "benchmark_windows", "benchmark_input", "benchmark_compare")
+             "benchmark_window_s", "benchmark_windows", "benchmark_input", "benchmark_compare",
+             "predict_input", "predict_output", "predict_model")
 
 
 def effective_flags(f=flags.FLAGS) -> str:

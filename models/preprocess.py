@@ -3,11 +3,13 @@
 The model takes raw pixels in [0, 255], so the preprocessing each backbone
 was trained with has to live in the graph: that way an exported SavedModel
 and the training loop can never disagree about it. Everything here is a
-built-in layer or a small registered Layer subclass (no Lambda), so the
-model serializes and exports cleanly.
+built-in layer, or a small functional model of built-in Keras ops (no
+Lambda, no custom class), so the model serializes and a saved .keras file
+loads with `keras.models.load_model` and no tapeworks import.
 """
 
 import keras
+import numpy as np
 from keras import ops
 
 # keras.applications.imagenet_utils "caffe" mode: RGB -> BGR, then subtract
@@ -15,23 +17,16 @@ from keras import ops
 CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
 
 
-@keras.saving.register_keras_serializable(package="tapeworks")
-class CaffePreprocess(keras.layers.Layer):
-    """resnet50's preprocess_input (caffe style) as a weightless layer."""
+def caffe_preprocess(name="preprocess", mean=CAFFE_BGR_MEAN):
+    """resnet50's preprocess_input (caffe style) as a weightless functional model.
 
-    def __init__(self, mean=CAFFE_BGR_MEAN, **kwargs):
-        super().__init__(**kwargs)
-        self.mean = tuple(float(m) for m in mean)
-
-    def call(self, inputs):
-        bgr = ops.flip(inputs, axis=-1)
-        return bgr - ops.convert_to_tensor(self.mean, dtype=bgr.dtype)
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def get_config(self):
-        return {**super().get_config(), "mean": list(self.mean)}
+    Built from keras.ops on symbolic tensors, which Keras 3 saves as its own
+    operations: a registered Layer subclass would make every .keras file of a
+    resnet50 need `import models` to load.
+    """
+    pixels = keras.Input((None, None, 3), dtype="float32", name="pixels")
+    bgr = ops.flip(pixels, axis=-1)
+    return keras.Model(pixels, bgr - np.asarray(mean, np.float32), name=name)
 
 
 def make_preprocess(backbone):
@@ -41,7 +36,7 @@ def make_preprocess(backbone):
     if backbone in ("inceptionv3", "mobilenetv2"):
         return keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name=name)
     if backbone == "resnet50":
-        return CaffePreprocess(name=name)
+        return caffe_preprocess(name)
     if backbone == "efficientnetb0":
         # Keras' EfficientNet rescales (and normalizes) inside itself.
         return keras.layers.Identity(name=name)

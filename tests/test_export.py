@@ -5,11 +5,14 @@ best/ holds step 5 and checkpoints/ steps 5 and 9 (the best epoch is not the
 last), and the EMA weights differ from the raw ones enough that their
 thresholds differ too.
 """
+import json
 import os
 import stat
 import subprocess
 import sys
+import zipfile
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -177,6 +180,7 @@ def test_exported_files_are_readable_by_other_users(run):
             modes[os.path.join(directory, name)] = stat.S_IMODE(
                 os.stat(os.path.join(directory, name)).st_mode)
     assert os.path.join(target, "thresholds.json") in modes
+    assert os.path.join(target, "model.keras") in modes
     assert os.path.join(target, "saved_model.pb") in modes
     assert {p: m for p, m in modes.items() if m != (0o755 if os.path.isdir(p) else 0o644)} == {}
     assert stat.S_IMODE(os.stat(os.path.dirname(target)).st_mode) == 0o755
@@ -231,3 +235,61 @@ def test_multiclass_exports_softmax_probabilities(tmp_path, embedded_cache):
     probs = _serve(_exported_dir(line), images)["probabilities"].numpy()
     np.testing.assert_allclose(probs, want, rtol=0, atol=1e-5)
     np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+
+
+def _modules_named(obj, found):
+    """Every module a Keras config names (class modules, nested configs included)."""
+    if isinstance(obj, dict):
+        if "module" in obj and "class_name" in obj:
+            found.add(obj["module"])
+        for value in obj.values():
+            _modules_named(value, found)
+    elif isinstance(obj, list):
+        for value in obj:
+            _modules_named(value, found)
+    return found
+
+
+@pytest.fixture(scope="module")
+def exported(run):
+    """The default export of the run, made once for the tests that only read it."""
+    config, trainer = run
+    return _exported_dir(export_saved_model(config))
+
+
+def test_model_keras_needs_no_tapeworks_and_gives_the_served_probabilities(run, exported):
+    """model.keras names only Keras' own classes, and load_model gives serving_default's output."""
+    path = os.path.join(exported, "model.keras")
+    with zipfile.ZipFile(path) as z:
+        modules = _modules_named(json.loads(z.read("config.json")), set())
+    assert modules and {m for m in modules if m.split(".")[0] != "keras"} == set()
+    model = keras.models.load_model(path)
+    assert (model.name, model.layers[-1].name) == ("tapeworks_probabilities", "probabilities")
+    images = _images(5, seed=3)
+    served = _serve(exported, images)["probabilities"].numpy()
+    np.testing.assert_allclose(model.predict(images, verbose=0), served, rtol=0, atol=1e-5)
+    logits = model.get_layer("tapeworks")(images, training=False).numpy()
+    np.testing.assert_allclose(_sigmoid(logits), served, rtol=0, atol=1e-5)
+
+
+def test_serving_bytes_decodes_like_validation(run, exported):
+    """PNG and JPEG files in -> what serving_default gives on validation's own decoded pixels."""
+    config, trainer = run
+    target = exported
+    from engine.data.tfrecord import file_records, parse_image
+    files = sorted(tf.io.gfile.glob(os.path.join(
+        config.data.cache_dir, "embedded_v1", "val-*.tfrecord*")))
+    records = [parse_image(*r)[0].numpy() for r in file_records(files).take(4)]
+    images = next(iter(trainer.data.val_dataset(global_batch=4, input_size=SIZE)))[0]
+    jpeg = tf.io.encode_jpeg(tf.io.decode_png(records[3], channels=3)).numpy()
+    loaded = tf.saved_model.load(target)
+    out = loaded.signatures["serving_bytes"](image_bytes=tf.constant(records + [jpeg]))
+    want = loaded.signatures["serving_default"](images=images)
+    assert set(out) == {"probabilities", "decisions"}
+    np.testing.assert_allclose(out["probabilities"].numpy()[:4], want["probabilities"].numpy(),
+                               rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(out["decisions"].numpy()[:4], want["decisions"].numpy())
+    assert out["probabilities"].shape[0] == 5  # the JPEG decodes too (its pixels differ a little)
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"serving_bytes image_bytes\[1\]: image is not a PNG or JPEG"):
+        loaded.signatures["serving_bytes"](image_bytes=tf.constant([records[0], b"GIF89a"]))

@@ -93,6 +93,16 @@ def test_flags_txt_never_fixes_the_mode_or_other_action_flags(parse):
     assert "--backbone=" in text
 
 
+def test_predict_flags_map_to_config_and_stay_out_of_flags_txt(parse):
+    """--mode=predict --flagfile=RUN/flags.txt must not predict the last run's images again."""
+    c = parse("--mode=predict", "--predict_input=test-jpg", "--predict_output=sub.csv",
+              "--predict_model=runs/x/export/5")
+    assert (c.predict.input, c.predict.output, c.predict.model) == (
+        "test-jpg", "sub.csv", "runs/x/export/5")
+    text = engine_flags.effective_flags(FLAGS)
+    assert "--predict_" not in text and "test-jpg" not in text
+
+
 @pytest.mark.parametrize("value", ["inf", "nan", "-1", "0"])
 def test_learning_rate_must_be_finite_and_positive(parse, value):
     with pytest.raises(ConfigError, match=f"--learning_rate={value}.* must be a finite number > 0"):

@@ -16,7 +16,6 @@ import pytest
 
 from models import BACKBONES, MIN_INPUT_SIZE, ModelError, backbone_blocks, build_model
 from models.backbones import fold_efficientnet_stddev
-from models.preprocess import CaffePreprocess
 
 REAL = [b for b in BACKBONES if b != "tiny_cnn"]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -145,12 +144,34 @@ def test_other_preprocessing(real_models):
     caffe = real_models("resnet50").get_layer("preprocess")
     expected = keras.applications.resnet50.preprocess_input(x.copy())
     np.testing.assert_allclose(caffe(x), expected, rtol=1e-5, atol=1e-4)
-    clone = CaffePreprocess.from_config(caffe.get_config())
+    clone = keras.Model.from_config(caffe.get_config())  # built-in ops only: no custom class
     np.testing.assert_allclose(clone(x), expected, rtol=1e-5, atol=1e-4)
     eff = real_models("efficientnetb0").get_layer("preprocess")
     np.testing.assert_array_equal(eff(x), x)
     tiny = build_model("tiny_cnn", 8, 1).get_layer("preprocess")
     np.testing.assert_allclose(tiny(x), x / 255.0, rtol=1e-6)
+
+
+def _serialized_modules(obj, found=None):
+    """Every (module, class_name) a Keras config names, nested configs included."""
+    found = set() if found is None else found
+    if isinstance(obj, dict):
+        if "module" in obj and "class_name" in obj:
+            found.add((obj["module"], obj["class_name"]))
+        for value in obj.values():
+            _serialized_modules(value, found)
+    elif isinstance(obj, list):
+        for value in obj:
+            _serialized_modules(value, found)
+    return found
+
+
+def test_resnet50_serializes_with_keras_objects_only(real_models):
+    """A saved .keras file of any model loads without `import models` (export's model.keras)."""
+    config = keras.saving.serialize_keras_object(real_models("resnet50"))
+    modules = _serialized_modules(config)
+    assert ("keras.src.ops.numpy", "Flip") in modules
+    assert {m for m, _ in modules if m != "keras" and not m.startswith("keras.")} == set()
 
 
 # -------------------------------------------------------------------- errors

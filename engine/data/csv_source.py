@@ -29,6 +29,23 @@ def find_csv(data_dir):
     return None
 
 
+def images_folder(folder):
+    """folder/images when it exists, else folder: where the files an image_name names live.
+
+    --mode=predict resolves its CSV lists the same way, so a Planet test CSV
+    next to its images/ works as it does for training.
+    """
+    images = os.path.join(folder, "images")
+    return images if os.path.isdir(images) else folder
+
+
+def find_image(image, files):
+    """The file name image_name `image` means among `files`: as given, or + .jpg/.jpeg/.png (None)."""
+    if not image:
+        return None
+    return next((c for c in (image, *(image + e for e in EXTENSIONS)) if c in files), None)
+
+
 def _read_rows(path, image_dir, files, skipped=None):
     """[(resolved path, tags, image_name)] for one CSV, with one-line errors.
 
@@ -50,7 +67,7 @@ def _read_rows(path, image_dir, files, skipped=None):
             if len(row) != 2:
                 raise DataError(f"{name} line {reader.line_num}: expected 2 columns (image_name,tags), got {len(row)}")
             image = row[0].strip()
-            found = next((c for c in (image, *(image + e for e in EXTENSIONS)) if c in files), None)
+            found = find_image(image, files)
             if not image or found is None:
                 message = f"{name} line {reader.line_num}: image {image!r} not found in {image_dir}"
                 if skipped is None:
@@ -73,8 +90,7 @@ def read(data_dir, csv_path, val_fraction, skipped=None):
 
     skipped: see _read_rows.
     """
-    image_dir = os.path.join(data_dir, "images")
-    image_dir = image_dir if os.path.isdir(image_dir) else data_dir
+    image_dir = images_folder(data_dir)
     files = set(os.listdir(image_dir))
     rows = _read_rows(csv_path, image_dir, files, skipped)
     val_csv = os.path.join(data_dir, "val.csv")

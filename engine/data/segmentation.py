@@ -40,7 +40,8 @@ import tensorflow as tf
 
 from engine.data import csv_source, tfrecord
 from engine.data.errors import DataError
-from engine.data.source import AUTOTUNE, DataSource, _decode, _read_labels_txt, flip_rows
+from engine.data.decode import decode_for_eval
+from engine.data.source import AUTOTUNE, DataSource, _read_labels_txt, flip_rows
 
 DIRNAME = "embedded_seg_v1"
 GENERATOR_SEED = 20240613
@@ -195,7 +196,7 @@ class _SegSource(DataSource):
 
     def _decode_example(self, elem, input_size):
         image_bytes, mask_bytes, where = self._pair(*elem)
-        image = _decode(image_bytes, where, input_size)
+        image = decode_for_eval(image_bytes, input_size, where)
         return image, _decode_mask(mask_bytes, where, input_size, self.num_labels)
 
     @staticmethod

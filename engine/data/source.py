@@ -44,12 +44,12 @@ held in memory while the epoch starts.
 """
 
 import os
-import re
 
 import numpy as np
 import tensorflow as tf
 
 from engine.data import csv_source, embedded, tfrecord
+from engine.data.decode import decode_for_eval, error_line
 from engine.data.errors import DataError
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -85,44 +85,6 @@ def flip_rows(x, flips):
     """
     rows = tf.where(flips)
     return tf.tensor_scatter_nd_update(x, rows, tf.reverse(tf.gather_nd(x, rows), [2]))
-
-
-def _decode(image_bytes, where, size, declared=None):
-    """RGB float32 [size,size,3] in [0,255]; a non-PNG/JPEG payload fails naming its record.
-
-    declared: the record's (height, width), (0, 0) for none; a decoded image
-    of another size fails naming its record.
-    """
-    head = tf.strings.substr(image_bytes, 0, 4)
-    ok = tf.logical_or(tf.equal(head, b"\x89PNG"), tf.equal(tf.strings.substr(head, 0, 2), b"\xff\xd8"))
-    check = tf.debugging.Assert(ok, [tf.strings.join([where, ": image is not a PNG or JPEG"])])
-    with tf.control_dependencies([check]):
-        image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
-    if declared is not None:
-        got = tf.shape(image, out_type=tf.int64)[:2]
-        fits = tf.logical_or(tf.reduce_all(tf.equal(declared, 0)), tf.reduce_all(tf.equal(got, declared)))
-        check = tf.debugging.Assert(fits, [tf.strings.join([
-            where, ": image is ", tf.strings.as_string(got[0]), "x", tf.strings.as_string(got[1]),
-            " but the record says ", tf.strings.as_string(declared[0]), "x",
-            tf.strings.as_string(declared[1])])])
-        with tf.control_dependencies([check]):
-            image = tf.identity(image)
-    return tf.image.resize(tf.cast(image, tf.float32), [size, size], method="bilinear")
-
-
-def _error_line(error, where=None):
-    """One line from a TensorFlow error met while loading a record."""
-    text = getattr(error, "message", None) or str(error)
-    if "assertion failed:" in text:  # our own checks name file and record
-        return text.split("assertion failed:", 1)[1].strip().splitlines()[0].strip("[] ")
-    if "Summarized data:" in text:  # the same checks, run eagerly
-        line = text.split("Summarized data:", 1)[1].strip().splitlines()[0]
-        return re.sub(r"^b(['\"])(.*)\1$", r"\2", line)
-    first = re.sub(r"^\{\{[^}]*\}\}\s*", "", text.strip().splitlines()[0] if text.strip() else "")
-    first = first[:150] or type(error).__name__
-    what = "image does not decode" if isinstance(error, tf.errors.InvalidArgumentError) \
-        else "cannot be read"
-    return f"{where or 'a record'}: {what} ({first})"
 
 
 class DataSource:
@@ -302,7 +264,8 @@ class DataSource:
     def _decode_example(self, elem, input_size):
         """(image, labels) of one undecoded element, before augmentation."""
         image_bytes, labels, where, *declared = self._to_example(*elem)
-        return _decode(image_bytes, where, input_size, declared[0] if declared else None), labels
+        return decode_for_eval(image_bytes, input_size, where,
+                               declared[0] if declared else None), labels
 
     @staticmethod
     def _flip(image, target, flip):
@@ -356,7 +319,7 @@ class DataSource:
                 self._load(elem, 8, None)
                 lines.append(f"{_as_text(self._where(elem))}: loads now (changed meanwhile?)")
             except tf.errors.OpError as e:
-                lines.append(_error_line(e, _as_text(self._where(elem))))
+                lines.append(error_line(e, _as_text(self._where(elem))))
         return lines
 
     def skip_bad_records(self, unreadable=(), unreadable_count=None):
@@ -406,7 +369,7 @@ class DataSource:
         """
         text = getattr(error, "message", None) or str(error)
         if "assertion failed:" in text:
-            return DataError(_error_line(error) + " (--skip_bad_records leaves such records out)")
+            return DataError(error_line(error) + " (--skip_bad_records leaves such records out)")
         expected = 0
         for i, _ in self._check_pass(split):
             if int(i) != expected:

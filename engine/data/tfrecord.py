@@ -256,3 +256,17 @@ def parse(serialized, filename, index, num_labels, with_size=False):
     if with_size:
         return ex[ENCODED], multi_hot, where, tf.stack([ex[HEIGHT], ex[WIDTH]])
     return ex[ENCODED], multi_hot, where
+
+
+def parse_image(serialized, filename, index):
+    """(image bytes, 'file record i', declared (height, width), name) of one record, labels unread.
+
+    For --mode=predict: records to predict on may carry no labels, or labels
+    of another labels.txt; image/name (when given) names the row of the
+    output, else the 'file record i' string does.
+    """
+    spec = {k: _FEATURES[k] for k in (ENCODED, NAME, HEIGHT, WIDTH)}
+    ex = tf.io.parse_single_example(serialized, spec)
+    where = tf.strings.join([filename, " record ", tf.strings.as_string(index)])
+    name = tf.where(tf.equal(ex[NAME], ""), where, ex[NAME])
+    return ex[ENCODED], where, tf.stack([ex[HEIGHT], ex[WIDTH]]), name
