@@ -92,14 +92,20 @@ class Trainer:
             self.global_step = tf.Variable(0, name="global_step", **counter)
             self.epoch = tf.Variable(0, name="epoch", **counter)
             self.step_in_epoch = tf.Variable(0, name="step_in_epoch", **counter)
-            self.unfrozen = tf.Variable(0, name="unfrozen", **counter)
+            # The phase's index (freeze.Phase.index; -1: none entered yet).
+            self.unfrozen = tf.Variable(-1, name="unfrozen", **counter)
             self.lr_scale = tf.Variable(1.0, name="lr_scale", trainable=False,
                                         aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
             self.best = tf.Variable(np.nan, name="best_metric", trainable=False, dtype=tf.float64)
             self.schedule = make_schedule(c.optimizer, self.steps_per_epoch, c.train.epochs)
+            blocks = backbone_blocks(self.model.get_layer("backbone"), c.model.seg_model
+                                     if c.model.task == "segmentation" else c.model.backbone)
+            self.phases = freeze.phase_schedule(c.freeze, blocks)
+            per_block = (blocks if freeze.per_block_groups(self.phases, c.optimizer.layer_lr_decay)
+                         else None)
             self.groups = make_param_groups(
-                c.optimizer, freeze.trainable_in_every_phase(self.model), self.keys,
-                self.schedule, self.global_step, self.lr_scale)
+                c.optimizer, freeze.trainable_in_every_phase(self.model, per_block), self.keys,
+                self.schedule, self.global_step, self.lr_scale, freeze.block_depths(per_block))
             self.ema = (EMA(self.model.weights, self.keys, c.train.ema_decay, c.train.ema_warmup,
                             self.strategy) if c.train.ema_decay else None)
             self.guard = StepGuard()
@@ -142,9 +148,6 @@ class Trainer:
             focal_gamma=c.loss.focal_gamma, focal_alpha=c.loss.focal_alpha, fbeta=c.loss.fbeta,
             fbeta_weight=c.loss.fbeta_weight, label_smoothing=c.loss.label_smoothing,
             task=c.model.task)
-        blocks = backbone_blocks(self.model.get_layer("backbone"), c.model.seg_model
-                                 if c.model.task == "segmentation" else c.model.backbone)
-        self.thawed = freeze.thawed_layer_names(blocks, c.freeze.unfreeze_layers)
         self.phase: Optional[str] = None
         self.train_loop = None
         self.phase_traces: Dict[str, dict] = {}  # phase -> {"count": traces}
@@ -359,9 +362,8 @@ class Trainer:
             self.log.line(stopped + "; nothing left to train")
             self.log.close()
             return result
-        if c.freeze.unfreeze_at >= c.train.epochs:
-            self.log.line(f"WARNING: --unfreeze_at={c.freeze.unfreeze_at} >= --epochs="
-                          f"{c.train.epochs}: the backbone stays frozen for the whole run")
+        if self.phases.warning(c.train.epochs):
+            self.log.line(self.phases.warning(c.train.epochs))
         self._keep_initial_state()
         try:
             return self._train_epochs()
@@ -378,7 +380,7 @@ class Trainer:
         with self.stop_signals:
             while int(self.epoch.numpy()) < c.train.epochs:
                 epoch = int(self.epoch.numpy())
-                self._enter_phase(freeze.phase_for_epoch(epoch, c.freeze.unfreeze_at))
+                self._enter_phase(self.phases.phase_for_epoch(epoch).name)
                 try:
                     train_stats = self._run_epoch()
                     result = {**train_stats, **self._evaluate_while_training()}
@@ -399,13 +401,27 @@ class Trainer:
                     break
         return result
 
-    def _enter_phase(self, phase: str) -> None:
-        """Applies the phase's trainable set and traces its step, once."""
-        if phase == self.phase:
-            return
+    def _enter_phase(self, phase_name: str) -> None:
+        """Applies the phase's trainable set and traces its step, once.
+
+        A resumed run whose checkpoint was saved in the phase before crosses
+        the boundary here, as the uninterrupted run did: the EMA first learns
+        what that phase trained, so only what starts changing now restarts.
+        """
         c = self.config
-        switching = self.phase is not None
-        freeze.apply_phase(self.model, phase, thawed=self.thawed, freeze_bn=c.freeze.freeze_bn)
+        phase = self.phases.named(phase_name)
+        saved_in = self.phases.with_index(int(self.unfrozen.numpy()))
+        self.unfrozen.assign(phase.index)
+        if phase.name == self.phase:
+            return
+        before = self.phases.named(self.phase) if self.phase else saved_in
+        switching = before is not None and before.name != phase.name
+        if self.ema is not None and switching and self.phase is None:
+            freeze.apply_phase(self.model, before.name, thawed=before.thawed,
+                               freeze_bn=c.freeze.freeze_bn)
+            self.ema.start_phase(_changing_weights(self.model), reset_new=False)
+        freeze.apply_phase(self.model, phase.name, thawed=phase.thawed,
+                           freeze_bn=c.freeze.freeze_bn)
         trainable = {id(v) for v in self.model.trainable_variables}
         phase_variables = {name: [v for v in g.variables if id(v) in trainable]
                            for name, g in self.groups.items()}
@@ -413,7 +429,7 @@ class Trainer:
         if self.ema is not None:
             self.ema.start_phase(_changing_weights(self.model), reset_new=switching)
             after_step = self.ema.update
-        self.train_loop, self.phase_traces[phase] = make_train_loop(
+        self.train_loop, self.phase_traces[phase.name] = make_train_loop(
             model=self.model, loss_fn=self.loss_fn, groups=self.groups,
             phase_variables=phase_variables, strategy=self.strategy,
             global_batch=c.train.batch_size, local_replicas=self.local_replicas,
@@ -421,10 +437,9 @@ class Trainer:
             after_step=after_step, clipnorm=c.optimizer.clipnorm,
             clipvalue=c.optimizer.clipvalue, guard=self.guard, summaries=self.summaries,
             loss_scale=self.loss_scale, jit_compile=c.train.jit_compile)
-        self.phase = phase
-        self.unfrozen.assign(int(phase == freeze.UNFROZEN))
-        if switching or phase == freeze.FROZEN:
-            self.log.line(f"phase: {phase} ({sum(len(v) for v in phase_variables.values())} "
+        self.phase = phase.name
+        if switching or phase.frozen:
+            self.log.line(f"phase: {phase.name} ({sum(len(v) for v in phase_variables.values())} "
                           f"trainable variables)")
 
     def _run_epoch(self) -> Dict[str, float]:
