@@ -68,6 +68,18 @@ class PhaseSchedule:
             return self.named(FROZEN)
         return next((p for p in self.phases if p.index == index), None)
 
+    def phase_before(self, phase: Phase, entered: Optional[str],
+                     saved_index: int) -> Optional[Phase]:
+        """The phase that entering `phase` leaves, or None when nothing switches.
+
+        entered: the phase this process trained last (None: none yet); else
+        the restored checkpoint's saved_index says: a resume saved in the
+        phase before crosses the switch now, as the uninterrupted run did,
+        and one saved inside `phase` (or a fresh start, index -1) does not.
+        """
+        before = self.named(entered) if entered else self.with_index(saved_index)
+        return before if before is not None and before.name != phase.name else None
+
     @property
     def thaw_steps(self) -> int:
         """How many times more of the backbone starts training."""

@@ -47,15 +47,17 @@ NOTES = {
     "seed": "the rest of this epoch is drawn in another order (some examples may repeat)",
     "steps_per_epoch": "the schedule's length changes with it",
     "epochs": "the schedule's length changes with it",
-    # Both can regroup the backbone's optimizer (freeze.per_block_groups):
-    # the slots of groups that did not exist start fresh (the restore line
-    # names them), as any missing slot does; the weights are not touched.
-    "layer_lr_decay": ("the backbone blocks' learning rates change; between 1 and another "
-                       "value, or with --unfreeze_schedule, the backbone's optimizer groups "
-                       "change and their slots start fresh"),
-    "unfreeze_schedule": ("the phases follow the new schedule from this epoch on; with one "
-                          "optimizer group per block in one run and not the other, the "
-                          "backbone's slots start fresh"),
+    # Both decide whether the backbone's optimizer has one group or one per
+    # block (freeze.per_block_groups). Not STATE: no saved tensor means
+    # something else; a resume that regroups finds no slots under the new
+    # group names, so those start fresh (the restore line names them), and
+    # a change that keeps the grouping (0.8 -> 0.7) only changes learning rates.
+    "layer_lr_decay": ("the backbone blocks' learning rates change; if the backbone's "
+                       "optimizer goes from one group to one per block or back, their slots "
+                       "start fresh"),
+    "unfreeze_schedule": ("the phases follow the new schedule from this epoch on; if the "
+                          "backbone's optimizer goes from one group to one per block or back, "
+                          "their slots start fresh"),
 }
 # Settings recorded since FORMAT 1 was first written, with the value a run
 # that did not record them had: an older manifest then does not differ.

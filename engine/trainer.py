@@ -410,12 +410,11 @@ class Trainer:
         """
         c = self.config
         phase = self.phases.named(phase_name)
-        saved_in = self.phases.with_index(int(self.unfrozen.numpy()))
+        before = self.phases.phase_before(phase, self.phase, int(self.unfrozen.numpy()))
         self.unfrozen.assign(phase.index)
         if phase.name == self.phase:
             return
-        before = self.phases.named(self.phase) if self.phase else saved_in
-        switching = before is not None and before.name != phase.name
+        switching = before is not None
         if self.ema is not None and switching and self.phase is None:
             freeze.apply_phase(self.model, before.name, thawed=before.thawed,
                                freeze_bn=c.freeze.freeze_bn)

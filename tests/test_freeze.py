@@ -58,6 +58,12 @@ def test_phases_resolve_by_name_and_by_saved_index(blocks):
     assert s.named(freeze.UNFROZEN).name == "all"  # two-phase callers get the last phase
     assert s.with_index(2).name == "all" and s.with_index(0).frozen
     assert s.with_index(-1) is None and s.with_index(7) is None
+    all_ = s.named("all")
+    assert s.phase_before(all_, "blocks:1", 2) == s.named("blocks:1")  # this process switches
+    assert s.phase_before(all_, None, 1).name == "blocks:1"  # resumed, saved the phase before
+    assert s.phase_before(all_, None, 2) is None  # resumed inside the phase
+    assert s.phase_before(all_, None, -1) is None  # a fresh start
+    assert s.phase_before(all_, "all", 1) is None
     started = freeze.phase_schedule(FreezeConfig(unfreeze_at=0), blocks)
     assert started.named(freeze.FROZEN).frozen and started.with_index(0).frozen
     with pytest.raises(KeyError):
