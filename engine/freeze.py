@@ -5,7 +5,7 @@ to the next one's: "frozen" (only the head trains) and one phase per thaw
 step. `--unfreeze_at=N --unfreeze_layers=X` is the two-phase case (frozen,
 then "unfrozen" from epoch N; N=0: that phase only); `--unfreeze_schedule`
 gives several, named by what they thaw ("blocks:2", "all"). A phase's
-`index` counts the thaw steps before it (frozen 0), so --unfreeze_at runs
+`index` counts the thaw steps up to it (frozen 0), so --unfreeze_at runs
 keep the 0/1 they saved as train/unfrozen before schedules existed.
 
 Setting `trainable` on Keras 3 layers also puts frozen BatchNormalization

@@ -105,7 +105,8 @@ class Trainer:
                          else None)
             self.groups = make_param_groups(
                 c.optimizer, freeze.trainable_in_every_phase(self.model, per_block), self.keys,
-                self.schedule, self.global_step, self.lr_scale, freeze.block_depths(per_block))
+                self.schedule, self.global_step, self.lr_scale,
+                block_depths=freeze.block_depths(per_block))
             self.ema = (EMA(self.model.weights, self.keys, c.train.ema_decay, c.train.ema_warmup,
                             self.strategy) if c.train.ema_decay else None)
             self.guard = StepGuard()
