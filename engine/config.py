@@ -33,6 +33,9 @@ DEFAULT_INPUT_SIZE = {"inceptionv3": 75, "resnet50": 64, "mobilenetv2": 64,
 # state means (engine/manifest.py says what opting in does for each).
 ALLOWABLE_CHANGES = ("optimizer", "labels", "task", "input_size", "batch_size")
 _UNFREEZE_LAYERS = re.compile(r"^(all|blocks:[1-9][0-9]*|regex:.+)$")
+# --unfreeze_schedule entries are split at commas followed by "EPOCH:", so a
+# regex with a comma in it (regex:a{1,3}) stays whole.
+_SCHEDULE_SPLIT = re.compile(r",(?=\s*[0-9]+\s*:)")
 
 
 class ConfigError(ValueError):
@@ -85,6 +88,9 @@ class OptimizerConfig:
     lr_step_epochs: Tuple[int, ...] = ()
     lr_step_factor: float = 0.1
     backbone_lr_multiplier: float = 1.0
+    # Layer-wise LR decay: a thawed backbone block k blocks below the top one
+    # trains at LR x backbone_lr_multiplier x layer_lr_decay^k (1: off).
+    layer_lr_decay: float = 1.0
     global_clipnorm: float = 0.0  # 0: off
     # Also applied to the replica-summed gradients, in the order
     # clipvalue -> clipnorm (per variable) -> global_clipnorm; 0: off.
@@ -97,6 +103,10 @@ class FreezeConfig:
     unfreeze_at: int = 0  # frozen for the first N epochs
     unfreeze_layers: str = "all"  # all | blocks:K | regex:PATTERN
     freeze_bn: bool = False
+    # Gradual unfreezing, "EPOCH:WHAT,...": from epoch EPOCH+1 on (like
+    # --unfreeze_at=EPOCH) the layers WHAT (as --unfreeze_layers) train;
+    # frozen before the first. Empty: the two phases of the flags above.
+    unfreeze_schedule: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,14 +299,13 @@ class Config:
         if list(o.lr_step_epochs) != sorted(set(o.lr_step_epochs)):
             raise ConfigError(
                 f"--lr_step_epochs={','.join(map(str, o.lr_step_epochs))} must increase")
-        if not _UNFREEZE_LAYERS.match(f.unfreeze_layers):
-            raise ConfigError(
-                f"--unfreeze_layers={f.unfreeze_layers} must be all, blocks:K or regex:PATTERN")
-        if f.unfreeze_layers.startswith("regex:"):
-            try:
-                re.compile(f.unfreeze_layers[len("regex:"):])
-            except re.error as e:
-                raise ConfigError(f"--unfreeze_layers: bad pattern ({e})") from None
+        _check_unfreeze_layers("unfreeze_layers", f.unfreeze_layers)
+        parse_unfreeze_schedule(f.unfreeze_schedule)
+        if f.unfreeze_schedule and (f.unfreeze_at != 0 or f.unfreeze_layers != "all"):
+            raise ConfigError("--unfreeze_schedule replaces --unfreeze_at and --unfreeze_layers; "
+                              "give the whole schedule there and drop the other two")
+        if not 0.0 < o.layer_lr_decay <= 1.0:
+            raise ConfigError(f"--layer_lr_decay={o.layer_lr_decay} must be in (0, 1]")
         for name in t.allow_changed:
             if name not in ALLOWABLE_CHANGES:
                 raise ConfigError(f"--allow_changed={','.join(t.allow_changed)}: {name} is not "
@@ -324,6 +333,48 @@ class Config:
             raise ConfigError(
                 "--num_virtual_cpus needs --strategy=mirrored (the default strategy has one replica)")
         return self
+
+
+def parse_unfreeze_schedule(text: str) -> Tuple[Tuple[int, str], ...]:
+    """--unfreeze_schedule as ((epoch, what), ...); () when empty.
+
+    "3:blocks:2,6:blocks:5,9:all": epochs are 0-based starts (3 means from
+    the 4th epoch on, as --unfreeze_at=3) and strictly increasing; each what
+    is one --unfreeze_layers value, each different (a repeat would change
+    nothing). Pure, so Config.validated catches a bad schedule before any
+    TensorFlow work; engine/freeze.py turns it into phases.
+    """
+    if not text.strip():
+        return ()
+    out = []
+    for entry in _SCHEDULE_SPLIT.split(text.strip()):
+        epoch, _, what = entry.strip().partition(":")
+        if not epoch.strip().isdigit() or not what:
+            raise ConfigError(f"--unfreeze_schedule={text}: '{entry}' is not EPOCH:WHAT "
+                              f"(e.g. 3:blocks:2,6:all)")
+        out.append((int(epoch), what.strip()))
+        _check_unfreeze_layers("unfreeze_schedule", out[-1][1], whole=text)
+    epochs = [e for e, _ in out]
+    if epochs != sorted(set(epochs)):
+        raise ConfigError(f"--unfreeze_schedule={text}: the epochs must increase")
+    whats = [w for _, w in out]
+    repeated = [w for i, w in enumerate(whats) if w in whats[:i]]
+    if repeated:
+        raise ConfigError(f"--unfreeze_schedule={text}: {repeated[0]} appears twice; "
+                          f"each phase must name another WHAT (it is the phase's name)")
+    return tuple(out)
+
+
+def _check_unfreeze_layers(flag: str, value: str, whole: str = "") -> None:
+    """One value as --unfreeze_layers takes it: all | blocks:K | regex:PATTERN."""
+    shown = f"--{flag}={whole or value}" + (f": {value}" if whole else "")
+    if not _UNFREEZE_LAYERS.match(value):
+        raise ConfigError(f"{shown} must be all, blocks:K or regex:PATTERN")
+    if value.startswith("regex:"):
+        try:
+            re.compile(value[len("regex:"):])
+        except re.error as e:
+            raise ConfigError(f"{shown}: bad pattern ({e})") from None
 
 
 def _one_of(flag, value, choices):

@@ -104,9 +104,9 @@ class Controller:
         if stopped:
             self.log.line(stopped + "; nothing left to train")
             return False
-        if c.freeze.unfreeze_at >= c.train.epochs:
-            self.log.line(f"WARNING: --unfreeze_at={c.freeze.unfreeze_at} >= --epochs="
-                          f"{c.train.epochs}: the backbone stays frozen for the whole run")
+        warning = self.phases.warning(c.train.epochs)
+        if warning:
+            self.log.line(warning)
         self._stop_before_training()
         return True
 
@@ -134,7 +134,7 @@ class Controller:
         with self.stop_signals:
             while int(self.epoch.numpy()) < c.train.epochs:
                 epoch = int(self.epoch.numpy())
-                self.enter_phase(freeze.phase_for_epoch(epoch, c.freeze.unfreeze_at))
+                self.enter_phase(self.phases.phase_for_epoch(epoch).name)
                 try:
                     result = {**self.run_epoch(), **self._evaluate_while_training()}
                     stop, lines = self.callbacks.on_epoch_end(result)
@@ -171,13 +171,26 @@ class Controller:
                 requested, int(self.global_step.numpy()) if restored else None)
 
     # ------------------------------------------------------------- the steps
-    def enter_phase(self, phase: str) -> None:
-        """Applies the phase's trainable set and traces its step, once."""
-        if phase == self.phase:
-            return
+    def enter_phase(self, phase_name: str) -> None:
+        """Applies the phase's trainable set and traces its step, once.
+
+        A resumed run whose checkpoint was saved in the phase before crosses
+        the boundary here, as the uninterrupted run did: the EMA first learns
+        what that phase trained, so only what starts changing now restarts.
+        """
         c = self.config
-        switching = self.phase is not None
-        freeze.apply_phase(self.model, phase, thawed=self.thawed, freeze_bn=c.freeze.freeze_bn)
+        phase = self.phases.named(phase_name)
+        before = self.phases.phase_before(phase, self.phase, int(self.unfrozen.numpy()))
+        self.unfrozen.assign(phase.index)
+        if phase.name == self.phase:
+            return
+        switching = before is not None
+        if self.ema is not None and switching and self.phase is None:
+            freeze.apply_phase(self.model, before.name, thawed=before.thawed,
+                               freeze_bn=c.freeze.freeze_bn)
+            self.ema.start_phase(freeze.changing_weights(self.model), reset_new=False)
+        freeze.apply_phase(self.model, phase.name, thawed=phase.thawed,
+                           freeze_bn=c.freeze.freeze_bn)
         trainable = {id(v) for v in self.model.trainable_variables}
         phase_variables = {name: [v for v in g.variables if id(v) in trainable]
                            for name, g in self.groups.items()}
@@ -185,7 +198,7 @@ class Controller:
         if self.ema is not None:
             self.ema.start_phase(freeze.changing_weights(self.model), reset_new=switching)
             after_step = self.ema.update
-        self.train_loop, self.phase_traces[phase] = make_train_loop(
+        self.train_loop, self.phase_traces[phase.name] = make_train_loop(
             model=self.model, loss_fn=self.loss_fn, groups=self.groups,
             phase_variables=phase_variables, strategy=self.strategy,
             global_batch=c.train.batch_size, local_replicas=self.local_replicas,
@@ -193,10 +206,9 @@ class Controller:
             after_step=after_step, clipnorm=c.optimizer.clipnorm,
             clipvalue=c.optimizer.clipvalue, guard=self.guard, summaries=self.summaries,
             loss_scale=self.loss_scale, jit_compile=c.train.jit_compile)
-        self.phase = phase
-        self.unfrozen.assign(int(phase == freeze.UNFROZEN))
-        if switching or phase == freeze.FROZEN:
-            self.log.line(f"phase: {phase} ({sum(len(v) for v in phase_variables.values())} "
+        self.phase = phase.name
+        if switching or phase.frozen:
+            self.log.line(f"phase: {phase.name} ({sum(len(v) for v in phase_variables.values())} "
                           f"trainable variables)")
 
     def run_steps(self, iterator, num_steps: int):

@@ -51,6 +51,7 @@ flags.DEFINE_float("warmup_epochs", _d.optimizer.warmup_epochs, "Linear warmup l
 flags.DEFINE_list("lr_step_epochs", [], "Epochs at which --lr_schedule=step multiplies by --lr_step_factor.")
 flags.DEFINE_float("lr_step_factor", _d.optimizer.lr_step_factor, "Factor of each step of the step schedule.")
 flags.DEFINE_float("backbone_lr_multiplier", _d.optimizer.backbone_lr_multiplier, "Backbone LR = LR x this, after unfreezing.")
+flags.DEFINE_float("layer_lr_decay", _d.optimizer.layer_lr_decay, "Layer-wise LR decay in (0, 1]: a backbone block k blocks below the top one trains at LR x --backbone_lr_multiplier x this^k, with its own optimizer (1: off).")
 flags.DEFINE_float("global_clipnorm", _d.optimizer.global_clipnorm, "Clip the replica-summed gradient to this global norm (0: off).")
 flags.DEFINE_float("clipnorm", _d.optimizer.clipnorm, "Clip each variable's replica-summed gradient to this norm (0: off).")
 flags.DEFINE_float("clipvalue", _d.optimizer.clipvalue, "Clip each replica-summed gradient element to [-v, v] (0: off). Order: clipvalue, clipnorm, global_clipnorm.")
@@ -58,6 +59,7 @@ _section('Freeze')
 flags.DEFINE_integer("unfreeze_at", _d.freeze.unfreeze_at, "Backbone frozen for the first N epochs, trained from epoch N+1 (0: from the start).")
 flags.DEFINE_string("unfreeze_layers", _d.freeze.unfreeze_layers, "What thaws: all, blocks:K (last K blocks) or regex:PATTERN.")
 flags.DEFINE_boolean("freeze_bn", _d.freeze.freeze_bn, "Keep backbone BatchNorm frozen after unfreezing.")
+flags.DEFINE_string("unfreeze_schedule", _d.freeze.unfreeze_schedule, "Gradual unfreezing, EPOCH:WHAT,... e.g. 3:blocks:2,6:blocks:5,9:all: from epoch EPOCH+1 on (as --unfreeze_at=EPOCH) WHAT trains (as --unfreeze_layers); frozen before the first; replaces --unfreeze_at/--unfreeze_layers.")
 _section('Loss')
 flags.DEFINE_string("loss", _d.loss.loss, "bce, weighted_bce, focal, fbeta, bce+fbeta, cce, sparse_cce; segmentation: ce (its default), dice, lovasz, ce+lovasz, ...")
 flags.DEFINE_string("pos_weight", "", "weighted_bce: 'auto' (from label density), 'w1,w2,...' or empty.")
@@ -166,9 +168,10 @@ def config_from_flags(f=flags.FLAGS) -> Config:
             weight_decay=f.weight_decay, schedule=f.lr_schedule, warmup_epochs=f.warmup_epochs,
             lr_step_epochs=_int_list("lr_step_epochs", f.lr_step_epochs),
             lr_step_factor=f.lr_step_factor, backbone_lr_multiplier=f.backbone_lr_multiplier,
+            layer_lr_decay=f.layer_lr_decay,
             global_clipnorm=f.global_clipnorm, clipnorm=f.clipnorm, clipvalue=f.clipvalue),
         freeze=FreezeConfig(unfreeze_at=f.unfreeze_at, unfreeze_layers=f.unfreeze_layers,
-                            freeze_bn=f.freeze_bn),
+                            freeze_bn=f.freeze_bn, unfreeze_schedule=f.unfreeze_schedule),
         loss=LossConfig(loss=_loss_name(f), pos_weight=f.pos_weight or None, focal_gamma=f.focal_gamma,
                         focal_alpha=f.focal_alpha, fbeta=f.fbeta, fbeta_weight=f.fbeta_weight,
                         label_smoothing=f.label_smoothing),
@@ -216,7 +219,8 @@ def effective_flags(f=flags.FLAGS) -> str:
 
 # What `--help` shows: the flags of the README, by section. `--helpfull` shows all.
 KEY_FLAGS = ("backbone", "input_size", "weights", "task", "data_dir", "optimizer",
-             "learning_rate", "unfreeze_at", "unfreeze_layers", "loss", "mode", "model_dir",
+             "learning_rate", "unfreeze_at", "unfreeze_layers", "unfreeze_schedule",
+             "layer_lr_decay", "loss", "mode", "model_dir",
              "epochs", "batch_size", "steps_per_epoch", "seed", "deterministic", "strategy",
              "num_virtual_cpus", "init_checkpoint", "allow_changed", "ema_decay", "export_from",
              "threshold_objective", "overwrite", "predict_input", "predict_output",

@@ -47,7 +47,21 @@ NOTES = {
     "seed": "the rest of this epoch is drawn in another order (some examples may repeat)",
     "steps_per_epoch": "the schedule's length changes with it",
     "epochs": "the schedule's length changes with it",
+    # Both decide whether the backbone's optimizer has one group or one per
+    # block (freeze.per_block_groups). Not STATE: no saved tensor means
+    # something else; a resume that regroups finds no slots under the new
+    # group names, so those start fresh (the restore line names them), and
+    # a change that keeps the grouping (0.8 -> 0.7) only changes learning rates.
+    "layer_lr_decay": ("the backbone blocks' learning rates change; if the backbone's "
+                       "optimizer goes from one group to one per block or back, their slots "
+                       "start fresh"),
+    "unfreeze_schedule": ("the phases follow the new schedule from this epoch on; if the "
+                          "backbone's optimizer goes from one group to one per block or back, "
+                          "their slots start fresh"),
 }
+# Settings recorded since FORMAT 1 was first written, with the value a run
+# that did not record them had: an older manifest then does not differ.
+ADDED = {"layer_lr_decay": 1.0, "unfreeze_schedule": ""}
 
 
 def describe(config: Config, *, label_names: Sequence[str], replicas: int,
@@ -65,7 +79,9 @@ def describe(config: Config, *, label_names: Sequence[str], replicas: int,
         bn_momentum=m.bn_momentum, optimizer=o.name, learning_rate=o.learning_rate,
         momentum=o.momentum, weight_decay=o.weight_decay, lr_schedule=o.schedule,
         warmup_epochs=o.warmup_epochs, backbone_lr_multiplier=o.backbone_lr_multiplier,
-        unfreeze_at=f.unfreeze_at, unfreeze_layers=f.unfreeze_layers, freeze_bn=f.freeze_bn,
+        layer_lr_decay=o.layer_lr_decay, unfreeze_at=f.unfreeze_at,
+        unfreeze_layers=f.unfreeze_layers, unfreeze_schedule=f.unfreeze_schedule,
+        freeze_bn=f.freeze_bn,
         loss=lo.loss, pos_weight=lo.pos_weight, ema_decay=t.ema_decay,
         mixed_precision=t.mixed_precision, strategy=t.strategy, replicas=replicas,
         workers=workers, batch_size=t.batch_size, steps_per_epoch=t.steps_per_epoch,
@@ -107,9 +123,13 @@ def write(model_dir: str, settings: Dict[str, object]) -> None:
 
 
 def changes(saved: Dict[str, object], requested: Dict[str, object]) -> List[Tuple[str, object, object]]:
-    """(flag, saved value, requested value) for every setting that differs."""
+    """(flag, saved value, requested value) for every setting that differs.
+
+    A setting of ADDED that a manifest lacks counts as its old default.
+    """
     keys = sorted(set(saved) | set(requested))
-    return [(k, saved.get(k), requested.get(k)) for k in keys if saved.get(k) != requested.get(k)]
+    saved = {k: saved.get(k, ADDED.get(k)) for k in keys}
+    return [(k, saved[k], requested.get(k)) for k in keys if saved[k] != requested.get(k)]
 
 
 def check(saved: Dict[str, object], requested: Dict[str, object], *,

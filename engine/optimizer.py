@@ -15,13 +15,18 @@ treating its empty moments as thousands of steps old. The learning rate is
 a callable of the run's global step, so the schedule continues across the
 switch; the backbone group multiplies it by backbone_lr_multiplier.
 
+Gradual unfreezing and layer-wise LR decay split the backbone into one
+group per block ("backbone_00" the stem, ...; freeze.per_block_groups):
+each block then has its own learning rate (x layer_lr_decay^k, k blocks
+below the top) and its own step count, which starts when that block thaws.
+
 Gradients arrive already summed over replicas and clipped (steps.py); the
 Keras TF optimizer would all-reduce them again inside `apply`, so each
 optimizer's `_all_reduce_sum_gradients` is replaced with the identity.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import keras
 import tensorflow as tf
@@ -165,9 +170,10 @@ class ParamGroup:
     """
 
     def __init__(self, name: str, optimizer, variables: Sequence, keys: Dict[int, str],
-                 kind: str):
+                 kind: str, lr_multiplier: float = 1.0):
         self.name = name
         self.kind = kind
+        self.lr_multiplier = lr_multiplier  # over the run's schedule (group_lr_multiplier)
         self.optimizer = optimizer
         self.variables = list(variables)
         self.slots: Dict[str, object] = {}
@@ -202,21 +208,40 @@ class ParamGroup:
 
 
 def make_param_groups(cfg: OptimizerConfig, groups: Dict[str, Sequence], keys: Dict[int, str],
-                      schedule, global_step: tf.Variable, lr_scale: tf.Variable
-                      ) -> Dict[str, ParamGroup]:
-    """Builds one ParamGroup per non-empty group. Call under strategy.scope()."""
+                      schedule, global_step: tf.Variable, lr_scale: tf.Variable,
+                      block_depths: Optional[Dict[str, int]] = None) -> Dict[str, ParamGroup]:
+    """Builds one ParamGroup per non-empty group. Call under strategy.scope().
+
+    block_depths: backbone block group -> its distance from the top block
+    (freeze.block_depths), for layer-wise LR decay; see group_lr_multiplier.
+    """
     out = {}
     for name, variables in groups.items():
         if not variables:
             continue
-        multiplier = cfg.backbone_lr_multiplier if name == "backbone" else 1.0
+        multiplier = group_lr_multiplier(cfg, name, block_depths)
 
         def learning_rate(multiplier=multiplier):
             return schedule(global_step) * lr_scale * multiplier
 
         opt = make_keras_optimizer(cfg, learning_rate, name=f"{name}_optimizer")
-        out[name] = ParamGroup(name, opt, variables, keys, kind=cfg.name)
+        out[name] = ParamGroup(name, opt, variables, keys, kind=cfg.name, lr_multiplier=multiplier)
     return out
+
+
+def group_lr_multiplier(cfg: OptimizerConfig, name: str,
+                        block_depths: Optional[Dict[str, int]] = None) -> float:
+    """A group's learning rate over the schedule's.
+
+    head: 1; "backbone": backbone_lr_multiplier; a backbone block k blocks
+    below the top one: backbone_lr_multiplier x layer_lr_decay^k, so lower
+    (more generic) blocks move less. A separate optimizer per block, not a
+    gradient scale: Adam divides by the gradient's own scale, so scaling the
+    gradient would leave its step unchanged.
+    """
+    if block_depths and name in block_depths:
+        return cfg.backbone_lr_multiplier * cfg.layer_lr_decay ** block_depths[name]
+    return cfg.backbone_lr_multiplier if name == "backbone" else 1.0
 
 
 def clip_by_global_norm(grads: List[tf.Tensor], clipnorm: float):

@@ -17,6 +17,7 @@ from typing import Dict, Optional
 import keras
 import numpy as np
 import tensorflow as tf
+from tensorflow.python.framework import config as tf_config  # disable_op_determinism
 
 from engine import distribute, freeze, manifest, precision
 from engine.callbacks import EpochCallbacks
@@ -42,7 +43,9 @@ class Counters:
         self.global_step = tf.Variable(0, name="global_step", **counter)
         self.epoch = tf.Variable(0, name="epoch", **counter)
         self.step_in_epoch = tf.Variable(0, name="step_in_epoch", **counter)
-        self.unfrozen = tf.Variable(0, name="unfrozen", **counter)
+        # The phase's index (freeze.Phase.index; -1: none entered yet); the key
+        # predates gradual unfreezing, when it was 0 frozen / 1 unfrozen.
+        self.unfrozen = tf.Variable(-1, name="unfrozen", **counter)
         self.rollbacks = tf.Variable(0, name="rollbacks", **counter)
         self.lr_scale = tf.Variable(1.0, name="lr_scale", trainable=False,
                                     aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
@@ -121,7 +124,7 @@ def _open_data(parts: RunParts) -> None:
 
 
 def _build_model(parts: RunParts) -> None:
-    """The model, its variables' state keys, and the backbone layers each phase thaws."""
+    """The model, its variables' state keys, and the schedule of what each phase thaws."""
     m, t = parts.config.model, parts.config.train
     parts.model = build_model(m.backbone, m.input_size, parts.data.num_labels, task=m.task,
                               weights=m.weights, dropout=m.dropout,
@@ -129,9 +132,9 @@ def _build_model(parts: RunParts) -> None:
                               seed=t.seed, bn_momentum=m.bn_momentum, seg_model=m.seg_model,
                               unet_depth=m.unet_depth, unet_filters=m.unet_filters)
     parts.keys = model_variable_keys(parts.model)
-    blocks = backbone_blocks(parts.model.get_layer("backbone"),
-                             m.seg_model if m.task == "segmentation" else m.backbone)
-    parts.thawed = freeze.thawed_layer_names(blocks, parts.config.freeze.unfreeze_layers)
+    parts.blocks = backbone_blocks(parts.model.get_layer("backbone"),
+                                   m.seg_model if m.task == "segmentation" else m.backbone)
+    parts.phases = freeze.phase_schedule(parts.config.freeze, parts.blocks)
 
 
 def _build_training(parts: RunParts) -> None:
@@ -139,9 +142,14 @@ def _build_training(parts: RunParts) -> None:
     c = parts.config
     parts.counters = Counters()
     parts.schedule = make_schedule(c.optimizer, parts.steps_per_epoch, c.train.epochs)
+    # One optimizer per backbone block when blocks need their own learning
+    # rate (--layer_lr_decay) or their own Adam step count (several thaws).
+    per_block = (parts.blocks if freeze.per_block_groups(parts.phases, c.optimizer.layer_lr_decay)
+                 else None)
     parts.groups = make_param_groups(
-        c.optimizer, freeze.trainable_in_every_phase(parts.model), parts.keys, parts.schedule,
-        parts.counters.global_step, parts.counters.lr_scale)
+        c.optimizer, freeze.trainable_in_every_phase(parts.model, per_block), parts.keys,
+        parts.schedule, parts.counters.global_step, parts.counters.lr_scale,
+        block_depths=freeze.block_depths(per_block))
     parts.ema = (EMA(parts.model.weights, parts.keys, c.train.ema_decay, c.train.ema_warmup,
                      parts.strategy) if c.train.ema_decay else None)
     parts.guard = StepGuard()
@@ -194,6 +202,14 @@ def _build_loss_and_evaluation(parts: RunParts) -> None:
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seeds Python, NumPy and TensorFlow; op determinism exactly as asked.
+
+    Determinism is process-wide in TensorFlow: a run built after a
+    deterministic one in the same process (the benchmark's arms, tests)
+    would otherwise inherit it, and XLA refuses some ops under it.
+    """
     keras.utils.set_random_seed(seed)
     if deterministic:
         tf.config.experimental.enable_op_determinism()
+    else:
+        tf_config.disable_op_determinism()

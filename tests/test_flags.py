@@ -32,6 +32,16 @@ def test_flags_map_to_config_groups(parse):
     assert c.data.data_dir == "/data"
 
 
+def test_schedule_and_layer_lr_decay_flags(parse):
+    c = parse("--unfreeze_schedule=3:blocks:2,6:regex:^block[23],9:all", "--layer_lr_decay=0.7")
+    assert c.freeze.unfreeze_schedule == "3:blocks:2,6:regex:^block[23],9:all"
+    assert c.optimizer.layer_lr_decay == 0.7
+    with pytest.raises(ConfigError, match=r"^--layer_lr_decay=0.0 must be in \(0, 1\]$"):
+        parse("--layer_lr_decay=0")
+    with pytest.raises(ConfigError, match="^--unfreeze_schedule replaces --unfreeze_at"):
+        parse("--unfreeze_schedule=3:all", "--unfreeze_at=2")
+
+
 def test_defaults_equal_the_dataclass_defaults(parse):
     c = parse()
     d = Config()

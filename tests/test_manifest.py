@@ -52,3 +52,18 @@ def test_write_then_read_round_trips_and_a_garbled_file_is_an_error_naming_it(tm
     (tmp_path / "manifest.json").write_text("{garbled")
     with pytest.raises(ConfigError, match="manifest.json is unreadable"):
         manifest.read(str(tmp_path))
+
+
+def test_layer_lr_decay_and_the_schedule_are_recorded_listed_and_absent_means_the_old_default():
+    settings = _settings()
+    assert settings["layer_lr_decay"] == 1.0 and settings["unfreeze_schedule"] == ""
+    older = {k: v for k, v in settings.items() if k not in ("layer_lr_decay", "unfreeze_schedule")}
+    assert manifest.check(older, settings, allow_changed=(), model_dir="m") == ([], [])
+    lines, allowed = manifest.check(
+        older, _settings(layer_lr_decay=0.8, unfreeze_schedule="2:blocks:1,4:all"),
+        allow_changed=(), model_dir="m")
+    assert allowed == []  # accepted: slots of groups that did not exist start fresh
+    assert any(l.startswith("  --layer_lr_decay: 1.0 -> 0.8 (the backbone blocks' learning "
+                            "rates change") for l in lines)
+    assert any(l.startswith("  --unfreeze_schedule:  -> 2:blocks:1,4:all (the phases follow")
+               for l in lines)

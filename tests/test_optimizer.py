@@ -7,8 +7,10 @@ import pytest
 import tensorflow as tf
 
 from engine.config import OptimizerConfig
-from engine.optimizer import (FusedAdam, FusedAdamW, FusedSGD, make_keras_optimizer,
-                              make_param_groups, make_schedule)
+from engine import freeze
+from engine.optimizer import (FusedAdam, FusedAdamW, FusedSGD, group_lr_multiplier,
+                              make_keras_optimizer, make_param_groups, make_schedule)
+from engine.state import TrainingState
 
 
 def test_cosine_with_warmup_matches_hand_computation():
@@ -46,6 +48,55 @@ def test_backbone_lr_multiplier_scales_the_backbone_update():
     groups["backbone"].apply([g], [body])
     np.testing.assert_allclose(head.numpy(), 1 - 0.1 * g.numpy(), rtol=1e-6)
     np.testing.assert_allclose(body.numpy(), 1 - 0.01 * g.numpy(), rtol=1e-6)
+
+
+def _block_groups(cfg, num_blocks=3):
+    """A head and num_blocks backbone blocks of one variable each, grouped per block."""
+    blocks = [[f"block{i}"] for i in range(num_blocks)]
+    variables = {"head": keras.Variable(np.ones(3, np.float32), name="h")}
+    variables.update({name: keras.Variable(np.ones(3, np.float32), name=f"b{i}")
+                      for i, name in enumerate(freeze.block_group_names(blocks))})
+    keys = {id(v): "head/h" if name == "head" else f"backbone/block{name[-1]}/kernel"
+            for name, v in variables.items()}
+    step = tf.Variable(0, dtype=tf.int64)
+    groups = make_param_groups(cfg, {n: [v] for n, v in variables.items()}, keys,
+                               make_schedule(cfg, 10, 1), step, tf.Variable(1.0),
+                               freeze.block_depths(blocks))
+    return groups, variables
+
+
+def test_layer_lr_decay_gives_each_block_base_x_multiplier_x_decay_to_its_depth():
+    cfg = OptimizerConfig(name="sgd", learning_rate=0.1, schedule="constant",
+                          backbone_lr_multiplier=0.5, layer_lr_decay=0.8)
+    groups, variables = _block_groups(cfg)
+    # By hand: the top block (backbone_02) 0.1 x 0.5; each block below x 0.8 more.
+    expected = {"head": 0.1, "backbone_02": 0.05, "backbone_01": 0.04, "backbone_00": 0.032}
+    assert {n: g.lr_multiplier for n, g in groups.items()} == pytest.approx(
+        {"head": 1.0, "backbone_02": 0.5, "backbone_01": 0.4, "backbone_00": 0.32})
+    g = tf.constant([1.0, 2.0, 3.0])
+    for name, lr in expected.items():
+        assert float(groups[name].optimizer.learning_rate) == pytest.approx(lr, rel=1e-6)
+        groups[name].apply([g], [variables[name]])
+        np.testing.assert_allclose(variables[name].numpy(), 1 - lr * g.numpy(), rtol=1e-6)
+    assert group_lr_multiplier(cfg, "backbone") == 0.5  # one backbone group: no decay
+    assert group_lr_multiplier(cfg, "head", {"backbone_00": 3}) == 1.0
+
+
+def test_block_groups_have_their_own_adam_step_count_and_prefix_free_keys():
+    """A block thawed later starts Adam's bias correction at 1 although others trained."""
+    cfg = OptimizerConfig(name="adam", learning_rate=0.01, schedule="constant", layer_lr_decay=0.5)
+    groups, variables = _block_groups(cfg)
+    g = tf.constant([1.0, -2.0, 0.5])
+    for _ in range(50):
+        groups["backbone_02"].apply([g], [variables["backbone_02"]])
+    groups["backbone_01"].apply([g], [variables["backbone_01"]])  # lr 0.01 x 0.5
+    np.testing.assert_allclose(variables["backbone_01"].numpy(), 1 - 0.005 * np.sign(g.numpy()),
+                               rtol=1e-4)
+    state = TrainingState()  # raises on a key that is a prefix of another
+    for name, group in groups.items():
+        state.add_all(f"optimizer/{name}", group.state())
+    assert "optimizer/backbone_01/adam/iterations" in state.keys
+    assert "optimizer/backbone_01/adam/backbone/block1/kernel/momentum" in state.keys
 
 
 def test_adam_bias_correction_starts_when_a_group_first_trains():

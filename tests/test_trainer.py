@@ -146,6 +146,118 @@ def test_resume_is_bit_identical_under_determinism(tmp_path, embedded_cache, uni
         np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
 
 
+# Gradual unfreezing: frozen (epoch 1), the top block (epoch 2), all (epoch 3), with
+# layer-wise LR decay (one Adam per block) and EMA, checkpoints every 2 of 4 steps.
+_GRADUAL = dict(epochs=3, unfreeze_at=0, steps_per_epoch=4, checkpoint_every_steps=2,
+                keep_checkpoints=20, deterministic=True, ema_decay=0.9, eval_with_ema=False,
+                summary_every=0,
+                optimizer=OptimizerConfig(name="adam", learning_rate=0.01, layer_lr_decay=0.5))
+
+
+def _gradual_config(tmp_path, cache):
+    return _config(tmp_path, cache, **_GRADUAL).replace(
+        freeze={"unfreeze_schedule": "1:blocks:1,2:all"})
+
+
+@pytest.fixture(scope="module")
+def gradual_run(embedded_cache, tmp_path_factory):
+    """The three-phase run kept whole, with its log lines."""
+    full = Trainer(_gradual_config(tmp_path_factory.mktemp("gradual"), embedded_cache))
+    lines, line = [], full.log.line
+    full.log.line = lambda text: (lines.append(text), line(text))
+    full.train()
+    return full, lines
+
+
+def test_gradual_unfreezing_traces_once_per_phase_and_trains_each_block_from_its_phase(
+        gradual_run):
+    full, lines = gradual_run
+    assert {p: t["count"] for p, t in full.phase_traces.items()} == {
+        "frozen": 1, "blocks:1": 1, "all": 1}
+    # head 2 variables; block4: conv kernel, BN gamma and beta; all four blocks: 12.
+    for text in ("phase: frozen (2 trainable", "phase: blocks:1 (5 trainable",
+                 "phase: all (14 trainable"):
+        assert any(l.startswith(text) for l in lines), text
+    steps = {n: int(g.optimizer.iterations.numpy()) for n, g in full.groups.items()}
+    assert steps == {"backbone_00": 4, "backbone_01": 4, "backbone_02": 4, "backbone_03": 8,
+                     "head": 12}
+    assert {n: g.lr_multiplier for n, g in full.groups.items()} == {
+        "backbone_00": 0.125, "backbone_01": 0.25, "backbone_02": 0.5, "backbone_03": 1.0,
+        "head": 1.0}
+    assert int(full.unfrozen.numpy()) == 2  # the phase index
+
+
+class _Died(Exception):
+    """Stands for a kill -9 right after a checkpoint was written."""
+
+
+def _dies_after_saving(trainer, step):
+    def die():
+        if int(trainer.global_step.numpy()) == step:
+            raise _Died(step)
+
+    trainer.checkpointer.after_rolling_save.append(die)  # runs once the save is written
+
+
+def _saved(path):
+    reader = tf.train.load_checkpoint(path)
+    suffix = "/.ATTRIBUTES/VARIABLE_VALUE"
+    return {k[:-len(suffix)]: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
+            if k.endswith(suffix) and not k.startswith(("train/best_metric", "save_counter"))}
+
+
+def test_gradual_resume_is_bit_identical_when_stopped_in_every_phase_and_at_a_switch(
+        tmp_path, embedded_cache, gradual_run):
+    """One run dies at step 2 (frozen), then its resumes die at 6 (blocks:1), 8 (the
+    switch to all: the resume crosses it), 10 (all), and the last one finishes; each
+    checkpoint and the end state equal the uninterrupted run's, tensor for tensor."""
+    full, _ = gradual_run
+    shutil.copytree(full.model_dir, tmp_path / "run")
+    model_dir = str(tmp_path / "run")
+    _keep_only(model_dir, next(p for p in _checkpoints(model_dir) if p.endswith("ckpt-2")))
+    for stop, phases in ((6, {"frozen", "blocks:1"}), (8, {"blocks:1"}), (10, {"all"}),
+                         (None, {"all"})):
+        resumed = Trainer(_gradual_config(tmp_path, embedded_cache))
+        if stop is None:
+            resumed.train()
+            got, expected = resumed.state.values(), full.state.values()
+            expected.pop("train/best_metric"), got.pop("train/best_metric")
+        else:
+            _dies_after_saving(resumed, stop)
+            with pytest.raises(_Died):
+                resumed.train()
+            got = _saved(os.path.join(model_dir, "checkpoints", f"ckpt-{stop}"))
+            expected = _saved(os.path.join(full.model_dir, "checkpoints", f"ckpt-{stop}"))
+        assert {p: t["count"] for p, t in resumed.phase_traces.items()} == dict.fromkeys(phases, 1)
+        assert set(got) == set(expected)
+        for key in expected:
+            np.testing.assert_array_equal(got[key], expected[key], err_msg=f"{stop} {key}")
+
+
+def test_resume_at_a_switch_restarts_the_ema_of_what_starts_changing_only(
+        tmp_path, embedded_cache):
+    """Block 4 trains, freezes, trains again: its average restarts at the third phase.
+
+    A resumed run whose checkpoint was saved in the phase before does what the
+    uninterrupted run did at the switch; one saved inside the phase changes nothing.
+    """
+    cfg = _config(tmp_path, embedded_cache, epochs=4, unfreeze_at=0, ema_decay=0.9).replace(
+        freeze={"unfreeze_schedule": "1:regex:^block4,2:regex:^block3,3:all"})
+    for saved_in, restarted in ((2, ("block1", "block2", "block4")), (3, ())):
+        trainer = Trainer(cfg)
+        trainer.restore()
+        trainer.unfrozen.assign(saved_in)  # as restored from a checkpoint of that phase
+        for shadow, weight in zip(trainer.ema.shadows, trainer.ema.weights):
+            shadow.assign(weight + 1.0)  # averages away from the weights
+        trainer.enter_phase("all")
+        for key, shadow, weight in zip(trainer.ema._keys, trainer.ema.shadows,
+                                       trainer.ema.weights):
+            block = key.split("/")[1].split("_")[0]
+            want = weight.numpy() if block in restarted else weight.numpy() + 1.0
+            np.testing.assert_array_equal(shadow.numpy(), want, err_msg=f"{saved_in} {key}")
+        assert int(trainer.unfrozen.numpy()) == 3
+
+
 @pytest.mark.parametrize("first_unfreeze,second_unfreeze", [(5, 5), (5, 0), (0, 0), (0, 5)],
                          ids=["frozen->frozen", "frozen->unfrozen", "unfrozen->unfrozen", "unfrozen->frozen"])
 def test_restore_in_all_four_directions(tmp_path, embedded_cache, first_unfreeze, second_unfreeze):
