@@ -5,6 +5,7 @@ The trainer uses only these three names; see source.py for the pipeline
 """
 
 from engine.data.errors import DataError
-from engine.data.source import DataSource, open_data
+from engine.data.opening import open_data
+from engine.data.source import DataSource
 
 __all__ = ["open_data", "DataSource", "DataError"]

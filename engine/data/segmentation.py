@@ -41,7 +41,7 @@ import tensorflow as tf
 from engine.data import csv_source, tfrecord
 from engine.data.errors import DataError
 from engine.data.decode import decode_for_eval
-from engine.data.source import AUTOTUNE, DataSource, _read_labels_txt, flip_rows
+from engine.data.source import AUTOTUNE, DataSource, flip_rows
 
 DIRNAME = "embedded_seg_v1"
 GENERATOR_SEED = 20240613
@@ -125,10 +125,10 @@ def write_seg_tfrecords(path_prefix, images, masks, names=None, num_shards=1):
                 mask = mask if isinstance(mask, bytes) else np.asarray(mask, np.uint8)
                 if not isinstance(mask, bytes) and mask.ndim == 2:
                     mask = mask[..., None]
-                feats = {tfrecord.ENCODED: tfrecord._bytes(img if isinstance(img, bytes) else _png(img)),
-                         MASK: tfrecord._bytes(mask if isinstance(mask, bytes) else _png(mask))}
+                feats = {tfrecord.ENCODED: tfrecord.bytes_feature(img if isinstance(img, bytes) else _png(img)),
+                         MASK: tfrecord.bytes_feature(mask if isinstance(mask, bytes) else _png(mask))}
                 if names is not None:
-                    feats[tfrecord.NAME] = tfrecord._bytes(str(names[i]).encode())
+                    feats[tfrecord.NAME] = tfrecord.bytes_feature(str(names[i]).encode())
                 example = tf.train.Example(features=tf.train.Features(feature=feats))
                 w.write(example.SerializeToString(deterministic=True))
         paths.append(path)
@@ -290,7 +290,7 @@ def _open_seg_tfrecords(data_dir, source, seed, meta=None):
     if not files["val"]:
         raise DataError(f"--data_dir={data_dir} has train-*.tfrecord files but no "
                         f"val-*.tfrecord files")
-    names = _read_labels_txt(os.path.join(data_dir, "labels.txt"))
+    names = tfrecord.read_labels_txt(os.path.join(data_dir, "labels.txt"))
     if len(names) < 2:
         raise DataError(f"{data_dir}/labels.txt: segmentation needs at least 2 classes "
                         f"(line 1 is the background)")
@@ -353,7 +353,7 @@ def _open_seg_folder(data_dir, seed, val_fraction):
         counts[split] = _count_pixels(ds, f"--data_dir={data_dir}")[0]
     labels_txt = os.path.join(data_dir, "labels.txt")
     if os.path.isfile(labels_txt):
-        names = _read_labels_txt(labels_txt)
+        names = tfrecord.read_labels_txt(labels_txt)
     else:
         largest = int(np.flatnonzero(counts["train"] + counts["val"]).max())
         names = [f"class_{i}" for i in range(max(largest + 1, 2))]

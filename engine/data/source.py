@@ -424,18 +424,6 @@ class _CsvSource(DataSource):
         return tf.io.read_file(path), labels, path
 
 
-def _read_labels_txt(path):
-    if not os.path.isfile(path):
-        raise DataError(f"{path} not found; it must list one label name per line")
-    with open(path, encoding="utf-8") as fh:
-        names = [line.strip() for line in fh if line.strip()]
-    if not names:
-        raise DataError(f"{path} is empty; it must list one label name per line")
-    if len(set(names)) != len(names):
-        raise DataError(f"{path} lists a label name twice")
-    return names
-
-
 def _open_tfrecords(data_dir, source, seed, skip_bad_records=False):
     def glob(*patterns):
         return sorted({f for p in patterns for f in tf.io.gfile.glob(os.path.join(data_dir, p))})
@@ -443,7 +431,7 @@ def _open_tfrecords(data_dir, source, seed, skip_bad_records=False):
     files = {"train": glob("train-*.tfrecord*"), "val": glob("val-*.tfrecord*", "validation-*.tfrecord*")}
     if not files["val"]:
         raise DataError(f"--data_dir={data_dir} has train-*.tfrecord files but no val-*.tfrecord files")
-    names = _read_labels_txt(os.path.join(data_dir, "labels.txt"))
+    names = tfrecord.read_labels_txt(os.path.join(data_dir, "labels.txt"))
     if skip_bad_records:
         counts, unreadable, dropped = {}, [], 0
         for split in ("train", "val"):
@@ -468,23 +456,14 @@ def _open_tfrecords(data_dir, source, seed, skip_bad_records=False):
     return data
 
 
-def open_data(data_dir, cache_dir, seed=0, val_fraction=0.1, task="multilabel",
-              skip_bad_records=False):
+def open_classification_data(data_dir, cache_dir, seed=0, val_fraction=0.1,
+                             skip_bad_records=False):
     """Open the user's data (TFRecords, or images + CSV) or, with no data_dir, the embedded set.
-
-    task="segmentation" opens segmentation data instead (engine/data/segmentation.py):
-    the embedded segmentation set, TFRecords with masks, or images/ + masks/.
 
     ``seed`` is kept on the DataSource for the caller; it does not change the
     embedded data (fixed generator seed) nor the CSV validation split (a hash
     of the image name), so validation numbers stay comparable across seeds.
     """
-    if task == "segmentation":
-        from engine.data.segmentation import open_segmentation_data  # it builds on this module
-        data = open_segmentation_data(data_dir, cache_dir, seed=seed, val_fraction=val_fraction)
-        if skip_bad_records:
-            data.skip_bad_records()
-        return data
     if not data_dir:
         return _open_tfrecords(embedded.ensure(os.path.expanduser(cache_dir)), "embedded", seed,
                                skip_bad_records)

@@ -55,7 +55,7 @@ _FEATURES = {
 }
 
 
-def _bytes(v):
+def bytes_feature(v):
     return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
 
 
@@ -80,11 +80,11 @@ def write_tfrecords(path_prefix, images_uint8, label_index_lists, names=None, nu
                 img = images_uint8[i]
                 data = img if isinstance(img, bytes) else tf.io.encode_png(np.asarray(img, np.uint8)).numpy()
                 feats = {
-                    ENCODED: _bytes(data),
+                    ENCODED: bytes_feature(data),
                     LABELS: tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v) for v in label_index_lists[i]])),
                 }
                 if names is not None:
-                    feats[NAME] = _bytes(str(names[i]).encode())
+                    feats[NAME] = bytes_feature(str(names[i]).encode())
                 example = tf.train.Example(features=tf.train.Features(feature=feats))
                 w.write(example.SerializeToString(deterministic=True))  # map order: byte-identical files
         paths.append(path)
@@ -270,3 +270,16 @@ def parse_image(serialized, filename, index):
     where = tf.strings.join([filename, " record ", tf.strings.as_string(index)])
     name = tf.where(tf.equal(ex[NAME], ""), where, ex[NAME])
     return ex[ENCODED], where, tf.stack([ex[HEIGHT], ex[WIDTH]]), name
+
+
+def read_labels_txt(path):
+    """labels.txt: one unique label name per line (TFRecord and segmentation data)."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path} not found; it must list one label name per line")
+    with open(path, encoding="utf-8") as fh:
+        names = [line.strip() for line in fh if line.strip()]
+    if not names:
+        raise DataError(f"{path} is empty; it must list one label name per line")
+    if len(set(names)) != len(names):
+        raise DataError(f"{path} lists a label name twice")
+    return names
