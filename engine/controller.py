@@ -55,6 +55,15 @@ class Controller:
             raise AttributeError(name)
         return getattr(self.parts, name)
 
+    def __setattr__(self, name, value):
+        # A built part set through the controller is set on the parts, where
+        # every action and builder reads it (never a shadow copy here).
+        parts = self.__dict__.get("parts")
+        if parts is not None and name not in self.__dict__ and name in parts.__dict__:
+            setattr(parts, name, value)
+        else:
+            object.__setattr__(self, name, value)
+
     # --------------------------------------------------------------- the story
     def restore(self, *, starting: bool = False) -> str:
         """Resumes, warm starts or starts fresh (engine/restore.py); returns the log line."""

@@ -20,7 +20,7 @@ from engine.state import StateError, existing_checkpoints
 from engine.trainer import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KILLS = 10
+KILLS = int(os.environ.get("TAPEWORKS_KILLS", "5"))  # kill -9 trials (seeded moments); more: set it
 
 
 def _cmd(model_dir, cache):
