@@ -35,10 +35,10 @@ def _flag_default(spec: Spec):
     """The flag's default: the field's, in the flag's form, unless setting(flag_default=)."""
     if spec.flag_default is not FIELD_DEFAULT:
         return spec.flag_default
-    kind = _kind(spec.type)
-    if typing.get_origin(spec.type) is typing.Union:
+    origin = typing.get_origin(spec.type)
+    if origin is typing.Union:  # Optional[X]: None is the empty string
         return "" if spec.default is None else str(spec.default)
-    return list(spec.default) if kind == "list" else spec.default
+    return list(spec.default) if origin is tuple else spec.default
 
 
 def _from_flag(spec: Spec, value):
