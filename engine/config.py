@@ -1,15 +1,31 @@
-"""Typed, frozen settings for one run.
+"""Typed, frozen settings for one run, each declared once with its flag.
 
 Every setting the engine reads lives here, so library code takes a Config
 instead of reading absl FLAGS, and every invalid value is caught before any
 TensorFlow work starts, with a message that names the flag a user typed.
+
+A field is declared with `setting(default, help, ...)`: the flag's help, its
+name (the field's unless flag=), the per-field checks Config.validated runs
+and, where the flag's value is not the field's, how to convert it (parse=).
+engine/flags.py generates the absl flags from this metadata and converts
+them back; this module imports neither absl nor TensorFlow (train_main.py
+imports it before TensorFlow). A new setting is one declaration:
+
+    calibrate_bn_steps: int = setting(0, "Steps that re-estimate ... (0: off).",
+                                      check=at_least(0))
+
+The flag's kind follows the field's type: bool, int, float and str flags;
+an Optional[...] field is a string flag whose empty value means None; a
+Tuple[...] field is a comma-list flag.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
-from typing import Optional, Tuple
+import typing
+from typing import Any, Callable, NamedTuple, Optional, Tuple
 
 BACKBONES = ("inceptionv3", "resnet50", "mobilenetv2", "efficientnetb0", "tiny_cnn")
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop")
@@ -42,171 +58,470 @@ class ConfigError(ValueError):
     """A setting a user can fix; the message is one line naming the flag."""
 
 
+# ------------------------------------------------------------------ metadata
+# A check is called as check(flag, value) and raises ConfigError naming the flag.
+Check = Callable[[str, Any], None]
+FIELD_DEFAULT = object()  # Setting.flag_default: the flag's default is the field's
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """What a field's metadata says about its flag (see setting())."""
+    help: str
+    flag: Optional[str] = None  # the flag's name; None: the field's
+    checks: Tuple[Check, ...] = ()
+    # parse(value, flags): the field's value from its flag's; flags["name"] is
+    # another flag's value and flags.given("name") whether it was given. A
+    # ValueError's text follows "--flag=value " in the ConfigError.
+    parse: Optional[Callable[[Any, Any], Any]] = None
+    flag_default: Any = FIELD_DEFAULT
+    aliases: Tuple[str, ...] = ()  # other names of the same flag (absl DEFINE_alias)
+    section: Optional[str] = None  # --help section; None: the group's SECTION
+
+
+def setting(default, help: str, *, flag: Optional[str] = None, check=(), parse=None,
+            flag_default=FIELD_DEFAULT, aliases=(), section: Optional[str] = None):
+    """A dataclass field with its flag: `x: int = setting(3, "Help.", check=at_least(1))`.
+
+    check: one check or a tuple of them (at_least, within, one_of, ...).
+    flag_default: when the flag's default differs from the field's (e.g.
+    --input_size=0, converted by parse=, while Config() has 32).
+    """
+    checks = tuple(check) if isinstance(check, (tuple, list)) else (check,)
+    meta = Setting(help, flag, checks, parse, flag_default, tuple(aliases), section)
+    return dataclasses.field(default=default, metadata={"setting": meta})
+
+
+class Spec(NamedTuple):
+    """One setting as flags.py sees it: where it lives, its type and its flag."""
+    group: str  # the Config field holding it: "model", "train", ...
+    name: str  # the field's name in that group
+    type: Any  # the resolved annotation (int, Optional[str], Tuple[int, ...], ...)
+    default: Any  # the field's default
+    flag: str
+    flag_default: Any  # as given to setting(); FIELD_DEFAULT when not given
+    section: str
+    setting: Setting
+
+
+def specs() -> Tuple[Spec, ...]:
+    """Every setting, group by group in field order: the one list flags.py reads."""
+    return _specs()
+
+
+@functools.lru_cache(maxsize=None)
+def _specs() -> Tuple[Spec, ...]:
+    out = []
+    for group in dataclasses.fields(Config):
+        cls = group.default.__class__
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            meta = f.metadata.get("setting")
+            if meta is None:
+                raise TypeError(f"{cls.__name__}.{f.name} has no setting(...): every "
+                                f"field needs its flag and help")
+            out.append(Spec(group.name, f.name, hints[f.name], f.default, meta.flag or f.name,
+                            meta.flag_default, meta.section or cls.SECTION, meta))
+    return tuple(out)
+
+
+# -------------------------------------------------------------------- checks
+def _shown(value) -> str:
+    """A value as a user typed it: lists comma-joined."""
+    return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+
+
+def one_of(choices) -> Check:
+    def check(flag, value):
+        if value not in choices:
+            raise ConfigError(f"--{flag}={value} is not one of {', '.join(choices)}")
+    return check
+
+
+def at_least(low) -> Check:
+    def check(flag, value):
+        if value < low:
+            raise ConfigError(f"--{flag}={value} must be >= {low}")
+    return check
+
+
+def above(low) -> Check:
+    def check(flag, value):
+        if not value > low:
+            raise ConfigError(f"--{flag}={value} must be > {low}")
+    return check
+
+
+def within(interval: str) -> Check:
+    """within("(0, 1]"): an interval as it reads in the message; NaN is outside."""
+    low, high = (float(x) for x in interval[1:-1].split(","))
+    closed_low, closed_high = interval[0] == "[", interval[-1] == "]"
+
+    def check(flag, value):
+        inside = ((low <= value if closed_low else low < value) and
+                  (value <= high if closed_high else value < high))
+        if not inside:
+            raise ConfigError(f"--{flag}={value} must be in {interval}")
+    return check
+
+
+def finite(at_least_or_above: str) -> Check:
+    """finite("> 0") or finite(">= 0"): a finite number with that bound."""
+    op, low = at_least_or_above.split()
+    low = float(low)
+
+    def check(flag, value):
+        ok = value > low if op == ">" else value >= low
+        if not (ok and math.isfinite(value)):
+            raise ConfigError(f"--{flag}={value} must be a finite number {at_least_or_above}")
+    return check
+
+
+def not_blank(advice: str) -> Check:
+    def check(flag, value):
+        if not value.strip():
+            raise ConfigError(f"--{flag} is empty: {advice}")
+    return check
+
+
+def increasing(flag, values) -> None:
+    if list(values) != sorted(set(values)):
+        raise ConfigError(f"--{flag}={_shown(values)} must increase")
+
+
+def each_one_of(choices) -> Check:
+    def check(flag, values):
+        for name in values:
+            if name not in choices:
+                raise ConfigError(f"--{flag}={_shown(values)}: {name} is not one of "
+                                  f"{', '.join(choices)}")
+    return check
+
+
+def unfreeze_layers_value(flag: str, value: str, whole: str = "") -> None:
+    """One value as --unfreeze_layers takes it: all | blocks:K | regex:PATTERN."""
+    shown = f"--{flag}={whole or value}" + (f": {value}" if whole else "")
+    if not _UNFREEZE_LAYERS.match(value):
+        raise ConfigError(f"{shown} must be all, blocks:K or regex:PATTERN")
+    if value.startswith("regex:"):
+        try:
+            re.compile(value[len("regex:"):])
+        except re.error as e:
+            raise ConfigError(f"{shown}: bad pattern ({e})") from None
+
+
+def _unfreeze_schedule_value(flag: str, value: str) -> None:
+    parse_unfreeze_schedule(value)
+
+
+def _compare_names(text: str) -> Tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    return () if names == ("none",) else names
+
+
+def _compare_list(flag: str, value: str) -> None:
+    compares = _compare_names(value)
+    for name in compares:
+        if name not in BENCHMARK_COMPARES or name == "none":  # "none" alone gives ()
+            raise ConfigError(f"--{flag}={value} is not one of "
+                              f"{', '.join(BENCHMARK_COMPARES)} (or a comma list of them)")
+    if len(set(compares)) != len(compares):
+        raise ConfigError(f"--{flag}={value} names a comparison twice")
+
+
+# ------------------------------------------------------------------- parsers
+def _input_size(value: int, flags) -> int:
+    """--input_size=0: the backbone's default (64 for --task=segmentation)."""
+    if value:
+        return value
+    return 64 if flags["task"] == "segmentation" else DEFAULT_INPUT_SIZE.get(flags["backbone"], 1)
+
+
+def _loss_name(value: str, flags) -> str:
+    """--loss, or for --task=segmentation without --loss its own default, ce."""
+    return "ce" if flags["task"] == "segmentation" and not flags.given("loss") else value
+
+
+def _empty_means(default):
+    return lambda value, flags: value or default
+
+
+HEALTH = "Training health"  # --help section of the non-finite guard, summaries, callbacks
+
+
+# ---------------------------------------------------------------- the groups
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    backbone: str = "tiny_cnn"
-    input_size: int = 32
-    weights: Optional[str] = None  # None, "imagenet" or a local weights file
-    dropout: float = 0.0
-    task: str = "multilabel"
+    SECTION = "Model"
+    backbone: str = setting(
+        "tiny_cnn", "inceptionv3, resnet50, mobilenetv2, efficientnetb0 or tiny_cnn",
+        check=one_of(BACKBONES))
+    input_size: int = setting(
+        32, "Square input size in pixels (0: the backbone's default, e.g. 75 for inceptionv3; "
+        "64 for --task=segmentation).", flag_default=0, parse=_input_size, check=at_least(1))
+    weights: Optional[str] = setting(  # None, "imagenet" or a local weights file
+        None, "Backbone weights: empty (random), 'imagenet' (needs network) or a local "
+        ".h5/.weights.h5 file.")
+    dropout: float = setting(0.0, "Dropout before the head's logits.", check=within("[0, 1)"))
+    task: str = setting(
+        "multilabel", "multilabel (sigmoid logits), multiclass (softmax logits) or segmentation "
+        "(per-pixel softmax logits).", check=one_of(TASKS))
     # With several replicas, unsynchronized BN keeps one set of moving
     # statistics per replica (Keras creates them with aggregation "none"), and
     # checkpoints/eval silently use replica 0's. So sync is the default.
-    sync_bn: bool = True
-    # Momentum of every BatchNorm's moving statistics; None keeps the
-    # architecture's own (0.99 for keras.applications).
-    bn_momentum: Optional[float] = 0.9
-    # --task=segmentation only: the model (it brings its own encoder; --backbone
-    # is not used) and the U-Net's size.
-    seg_model: str = "unet"
-    unet_depth: int = 4  # poolings; --input_size must be a multiple of 2^depth
-    unet_filters: int = 16  # channels of the first level, doubled at each
+    sync_bn: bool = setting(
+        True, "Synchronize BatchNorm statistics across replicas (only matters with several; "
+        "--nosync_bn lets them drift apart).")
+    # --task=segmentation only: the model brings its own encoder (--backbone is not used).
+    seg_model: str = setting(
+        "unet", "--task=segmentation: unet or deeplabv3plus (MobileNetV2 encoder); --backbone "
+        "is not used.", check=one_of(SEG_MODELS))
+    unet_depth: int = setting(
+        4, "U-Net poolings (--input_size must be a multiple of 2^depth).", check=at_least(1))
+    unet_filters: int = setting(
+        16, "U-Net channels at the first level, doubled at each deeper one.", check=at_least(1))
+    bn_momentum: Optional[float] = setting(
+        0.9, "BatchNorm moving-statistics momentum; empty keeps the architecture's own (0.99).")
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    data_dir: Optional[str] = None  # None: the embedded dataset
-    cache_dir: str = "~/.cache/tapeworks"
-    augment: bool = True
-    # Find undecodable images, bad label vectors, wrong-size images, corrupt
-    # TFRecord records and CSV rows naming no file when the data is opened,
-    # and train without them (counted in the epoch report) instead of failing.
-    skip_bad_records: bool = False
-    # Decode the training split once and keep it in memory when it takes at
-    # most this many MB as float32 pixels (0: decode every epoch).
-    decoded_cache_mb: int = 1024
+    SECTION = "Data"
+    data_dir: Optional[str] = setting(
+        None, "User data (TFRecords or images + labels.csv); empty: the embedded dataset.")
+    cache_dir: str = setting("~/.cache/tapeworks",
+                             "Where the embedded dataset is made on first use.")
+    augment: bool = setting(True, "Random flips while training.")
+    skip_bad_records: bool = setting(
+        False, "Check every record when the data is opened and train without the bad ones "
+        "(undecodable image, wrong-size image, wrong label width, corrupt TFRecord record, CSV "
+        "row naming no file), counting them in the epoch report; without it a bad record stops "
+        "the run naming file and record.")
+    decoded_cache_mb: int = setting(
+        1024, "Decode the training and validation images once and keep them in memory when a "
+        "split takes at most this many MB as float32 pixels at --input_size (0: decode every "
+        "epoch).", check=at_least(0))
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-    name: str = "adam"
-    learning_rate: float = 0.001
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    schedule: str = "cosine"
-    warmup_epochs: float = 0.0
-    lr_step_epochs: Tuple[int, ...] = ()
-    lr_step_factor: float = 0.1
-    backbone_lr_multiplier: float = 1.0
-    # Layer-wise LR decay: a thawed backbone block k blocks below the top one
-    # trains at LR x backbone_lr_multiplier x layer_lr_decay^k (1: off).
-    layer_lr_decay: float = 1.0
-    global_clipnorm: float = 0.0  # 0: off
-    # Also applied to the replica-summed gradients, in the order
-    # clipvalue -> clipnorm (per variable) -> global_clipnorm; 0: off.
-    clipnorm: float = 0.0
-    clipvalue: float = 0.0
+    SECTION = "Optimizer"
+    name: str = setting("adam", "sgd, momentum, adam, adamw or rmsprop.", flag="optimizer",
+                        check=one_of(OPTIMIZERS))
+    learning_rate: float = setting(0.001, "Peak learning rate.", check=finite("> 0"))
+    momentum: float = setting(0.9, "Momentum for momentum/rmsprop.", check=within("[0, 1)"))
+    weight_decay: float = setting(0.0, "Decoupled weight decay (0: off).", check=at_least(0))
+    schedule: str = setting("cosine", "constant, cosine or step.", flag="lr_schedule",
+                            check=one_of(SCHEDULES))
+    warmup_epochs: float = setting(0.0, "Linear warmup length in epochs.", check=at_least(0))
+    lr_step_epochs: Tuple[int, ...] = setting(
+        (), "Epochs at which --lr_schedule=step multiplies by --lr_step_factor.",
+        check=increasing)
+    lr_step_factor: float = setting(0.1, "Factor of each step of the step schedule.")
+    backbone_lr_multiplier: float = setting(
+        1.0, "Backbone LR = LR x this, after unfreezing.", check=at_least(0))
+    layer_lr_decay: float = setting(
+        1.0, "Layer-wise LR decay in (0, 1]: a backbone block k blocks below the top one trains "
+        "at LR x --backbone_lr_multiplier x this^k, with its own optimizer (1: off).",
+        check=within("(0, 1]"))
+    # Clipping applies to the replica-summed gradients, in the order
+    # clipvalue -> clipnorm (per variable) -> global_clipnorm.
+    global_clipnorm: float = setting(
+        0.0, "Clip the replica-summed gradient to this global norm (0: off).", check=at_least(0))
+    clipnorm: float = setting(
+        0.0, "Clip each variable's replica-summed gradient to this norm (0: off).",
+        check=at_least(0))
+    clipvalue: float = setting(
+        0.0, "Clip each replica-summed gradient element to [-v, v] (0: off). Order: clipvalue, "
+        "clipnorm, global_clipnorm.", check=at_least(0))
 
 
 @dataclasses.dataclass(frozen=True)
 class FreezeConfig:
-    unfreeze_at: int = 0  # frozen for the first N epochs
-    unfreeze_layers: str = "all"  # all | blocks:K | regex:PATTERN
-    freeze_bn: bool = False
-    # Gradual unfreezing, "EPOCH:WHAT,...": from epoch EPOCH+1 on (like
-    # --unfreeze_at=EPOCH) the layers WHAT (as --unfreeze_layers) train;
-    # frozen before the first. Empty: the two phases of the flags above.
-    unfreeze_schedule: str = ""
+    SECTION = "Freeze"
+    unfreeze_at: int = setting(
+        0, "Backbone frozen for the first N epochs, trained from epoch N+1 (0: from the start).",
+        check=at_least(0))
+    unfreeze_layers: str = setting(
+        "all", "What thaws: all, blocks:K (last K blocks) or regex:PATTERN.",
+        check=unfreeze_layers_value)
+    freeze_bn: bool = setting(False, "Keep backbone BatchNorm frozen after unfreezing.")
+    # Empty: the two phases of the flags above (see parse_unfreeze_schedule).
+    unfreeze_schedule: str = setting(
+        "", "Gradual unfreezing, EPOCH:WHAT,... e.g. 3:blocks:2,6:blocks:5,9:all: from epoch "
+        "EPOCH+1 on (as --unfreeze_at=EPOCH) WHAT trains (as --unfreeze_layers); frozen before "
+        "the first; replaces --unfreeze_at/--unfreeze_layers.", check=_unfreeze_schedule_value)
 
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    loss: str = "bce"
-    pos_weight: Optional[str] = None  # None | "auto" | "w1,w2,..."
-    focal_gamma: float = 2.0
-    focal_alpha: float = 0.25
-    fbeta: float = 2.0
-    fbeta_weight: float = 0.5
-    label_smoothing: float = 0.0
+    SECTION = "Loss"
+    loss: str = setting(
+        "bce", "bce, weighted_bce, focal, fbeta, bce+fbeta, cce, sparse_cce; segmentation: ce "
+        "(its default), dice, lovasz, ce+lovasz, ...", parse=_loss_name)
+    pos_weight: Optional[str] = setting(  # None | "auto" | "w1,w2,..."
+        None, "weighted_bce: 'auto' (from label density), 'w1,w2,...' or empty.")
+    focal_gamma: float = setting(2.0, "Focal loss gamma.")
+    focal_alpha: float = setting(0.25, "Focal loss alpha.")
+    fbeta: float = setting(2.0, "Beta of the F-beta loss and metrics.")
+    fbeta_weight: float = setting(0.5, "Weight of fbeta in bce+fbeta.")
+    label_smoothing: float = setting(0.0, "Label smoothing for cross-entropy.")
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    model_dir: str = "runs/default"
-    epochs: int = 10
-    batch_size: int = 32  # global, over all replicas and workers
-    steps_per_epoch: int = 0  # 0: the whole training split
-    steps_per_loop: int = 10
-    seed: int = 0
-    deterministic: bool = False
-    checkpoint_every_steps: int = 0  # 0: only at the end of each epoch
-    keep_checkpoints: int = 3
-    best_metric: str = "val_loss"
-    best_mode: str = "min"
-    strategy: str = "default"
-    num_virtual_cpus: int = 0
-    progress: bool = True
-    init_checkpoint: Optional[str] = None  # warm start when model_dir has no checkpoint
-    init_include: Tuple[str, ...] = ()
-    init_exclude: Tuple[str, ...] = ()
-    # A warm start that matches less than this share of the selected model
-    # tensors (or of their parameters) stops with an error: see warm_start.py.
-    init_min_fraction: float = 0.5
-    allow_partial_restore: bool = False  # resume or warm start below those checks
-    # Flags whose change on resume is accepted although it changes what the
-    # saved state means (engine/manifest.py STATE); that state starts fresh.
-    allow_changed: Tuple[str, ...] = ()
-    ema_decay: float = 0.0  # 0: off
-    ema_warmup: bool = True
-    eval_with_ema: bool = True
-    export_raw: bool = False  # --mode=export: the raw weights even when EMA is on
-    # --mode=export: "best" (model_dir/best/, picked by --best_metric; the latest
-    # when best/ is empty), "latest" (model_dir/checkpoints/) or a checkpoint prefix.
-    export_from: str = "best"
-    # Per-label thresholds maximise each label's own F-beta ("per_label") or the
-    # mean per-image F-beta ("samples"); see engine/metrics.py and BUILD_NOTES.
-    threshold_objective: str = "per_label"
+    SECTION = "Run"
+    model_dir: str = setting("runs/default",
+                             "Checkpoints, logs and flags; the same dir again resumes.")
+    # Never discards a checkpoint that can be resumed (engine/run_dir.py).
+    overwrite: bool = setting(
+        False, "Start fresh on a --model_dir that holds an earlier run's results but no "
+        "checkpoint to resume, moving them to model_dir/overwritten/<UTC time>/ (never deleted). "
+        "A resumable checkpoint is still resumed. Not saved in flags.txt.")
+    epochs: int = setting(10, "Number of epochs.", check=at_least(1))
+    batch_size: int = setting(32, "Global batch size over all replicas.", check=at_least(1))
+    steps_per_epoch: int = setting(0, "Cap on steps per epoch (0: the whole split).",
+                                   check=at_least(0))
+    steps_per_loop: int = setting(10, "Train steps run inside one traced call.",
+                                  check=at_least(1))
+    seed: int = setting(0, "Seed for weights, shuffling and augmentation.")
+    deterministic: bool = setting(False, "Deterministic ops: a resumed run ends bit-identical.")
+    checkpoint_every_steps: int = setting(
+        0, "Also checkpoint every N steps (0: per epoch only).", check=at_least(0))
+    keep_checkpoints: int = setting(3, "Rolling checkpoints kept.", check=at_least(1))
+    best_metric: str = setting("val_loss", "Validation metric that picks the best checkpoint.")
+    best_mode: str = setting("min", "min or max for --best_metric.", check=one_of(("min", "max")))
+    strategy: str = setting("default", "auto, default, one_device, mirrored or multi_worker.",
+                            check=one_of(STRATEGIES))
+    num_virtual_cpus: int = setting(0, "Split the CPU into N devices (tests, mirrored).",
+                                    check=at_least(0))
+    progress: bool = setting(True, "Show a tqdm bar per epoch.")
+    init_checkpoint: Optional[str] = setting(
+        None, "Warm start the model weights (only) when --model_dir has no checkpoint: a "
+        "tapeworks run dir or checkpoint, a tf.train.Checkpoint of a Keras model, a name-based "
+        "(TF1/Keras 2) checkpoint, or a Keras .weights.h5/.keras/.h5 file. Prints what matched.")
+    init_include: Tuple[str, ...] = setting(
+        (), "Key patterns (fnmatch on the whole key, e.g. model/backbone/*) restored by "
+        "--init_checkpoint; a pattern matching no model tensor is an error.")
+    init_exclude: Tuple[str, ...] = setting(
+        (), "Key patterns (fnmatch, e.g. model/head/*) not restored by --init_checkpoint; a "
+        "pattern matching no model tensor is an error.")
+    # Below it a warm start stops with an error: see warm_start.py.
+    init_min_fraction: float = setting(
+        0.5, "--init_checkpoint must match at least this share of the selected model tensors "
+        "and of their parameters, else the run stops (exit 2).", check=within("[0, 1]"))
+    allow_partial_restore: bool = setting(
+        False, "Resume even when model tensors are missing; warm start (or --weights) even "
+        "below --init_min_fraction or with nothing matched.")
+    # engine/manifest.py STATE says what each change means for the saved state.
+    allow_changed: Tuple[str, ...] = setting(
+        (), "On resume, accept a change of these settings although it changes what the saved "
+        "state means (optimizer, labels, task, input_size, batch_size); the state it affects "
+        "starts fresh and the log says so. Never saved in flags.txt.",
+        check=each_one_of(ALLOWABLE_CHANGES))
+    ema_decay: float = setting(0.0, "EMA decay of the weights (0: off).", check=within("[0, 1)"))
+    ema_warmup: bool = setting(True, "Decay grows as min(decay, (1+n)/(10+n)).")
+    eval_with_ema: bool = setting(True, "Also evaluate the EMA weights.")
+    export_raw: bool = setting(False, "--mode=export writes the raw weights, not the EMA ones.")
+    export_from: str = setting(
+        "best", "--mode=export: best (model_dir/best/, the checkpoint --best_metric picked; the "
+        "latest, with a note, when best/ is empty), latest (the newest in model_dir/checkpoints/) "
+        "or a checkpoint path prefix (e.g. runs/x/checkpoints/ckpt-120).",
+        check=not_blank("give best, latest or a checkpoint path"))
+    # See engine/metrics.py and BUILD_NOTES.
+    threshold_objective: str = setting(
+        "per_label", "What each label's decision threshold is searched to maximise on the "
+        "validation split: per_label (each label's own F-beta, independently) or samples (the "
+        "mean per-image F-beta, labels coupled; can leave a rare label never predicted).",
+        check=one_of(THRESHOLD_OBJECTIVES))
     # Non-finite guard (engine/health.py): a step whose loss or gradients are
-    # not finite changes nothing and is counted; after max_bad_steps in a row
-    # (0: never) the last good checkpoint is restored and the learning rate
-    # multiplied by bad_step_lr_factor; after max_rollbacks the run stops.
-    max_bad_steps: int = 5
-    max_rollbacks: int = 3
-    bad_step_lr_factor: float = 0.5
-    # A finite but absurd loss is divergence too: a train call's mean loss or
-    # the val loss above this many times the prevalence baseline's val loss
-    # is handled like max_bad_steps (rollback, then a diagnosis; 0: off).
-    max_loss_ratio: float = 1000.0
-    # In-graph TensorBoard summaries (0: off): scalars (lr, gradient norms,
-    # loss), weight/gradient histograms, input images with predictions.
-    summary_every: int = 10
-    histogram_every: int = 0
-    image_every: int = 0
+    # not finite changes nothing and is counted.
+    max_bad_steps: int = setting(
+        5, "Steps whose loss or gradients are not finite are skipped (nothing changes); after "
+        "this many in a row, roll back to the last good checkpoint (0: never roll back).",
+        check=at_least(0), section=HEALTH)
+    max_rollbacks: int = setting(
+        3, "Rollbacks allowed before the run stops with a diagnosis naming the first non-finite "
+        "layer.", check=at_least(0), section=HEALTH)
+    max_loss_ratio: float = setting(
+        1000.0, "A train call's mean loss or the val loss above this many times the prevalence "
+        "baseline's val loss counts as divergence, like --max_bad_steps: roll back, then stop "
+        "with a diagnosis (0: off).", check=finite(">= 0"), section=HEALTH)
+    bad_step_lr_factor: float = setting(
+        0.5, "Learning rate multiplier applied at each rollback.", check=within("(0, 1]"),
+        section=HEALTH)
+    # In-graph TensorBoard summaries (0: off).
+    summary_every: int = setting(
+        10, "TensorBoard scalars from inside the step (lr, global and per-layer gradient norms, "
+        "loss) every N steps (0: off).", check=at_least(0), section=HEALTH)
+    histogram_every: int = setting(
+        0, "Weight and gradient histograms every N steps (0: off).", check=at_least(0),
+        section=HEALTH)
+    image_every: int = setting(
+        0, "A few input images with their predictions every N steps (0: off).",
+        check=at_least(0), section=HEALTH)
     # Epoch callbacks on --best_metric/--best_mode (0: off).
-    early_stop_patience: int = 0
-    plateau_patience: int = 0
-    plateau_factor: float = 0.1
+    early_stop_patience: int = setting(
+        0, "Stop after N epochs without improvement of --best_metric (0: off).",
+        check=at_least(0), section=HEALTH)
+    plateau_patience: int = setting(
+        0, "Multiply the learning rate by --plateau_factor after N epochs without improvement "
+        "of --best_metric (0: off).", check=at_least(0), section=HEALTH)
+    plateau_factor: float = setting(0.1, "Learning rate factor of --plateau_patience.",
+                                    check=within("(0, 1)"), section=HEALTH)
     # Only --mode=benchmark honours these two so far (engine/bench/run.py sets
     # the Keras policy; XLA needs a hook in engine/steps.py, see there).
-    mixed_precision: str = "float32"  # float32 | bfloat16 | float16 (loss-scaled; precision.py)
-    jit_compile: bool = False  # XLA for the train step; slower on CPU (DESIGN.md)
-    # A fresh start over an earlier run's results (checkpoints none of which
-    # can be resumed, best/, export/, metrics.csv rows, thresholds.json) moves
-    # them to model_dir/overwritten/<UTC time>/ first; without it such a run
-    # stops. Never discards a checkpoint that can be resumed (engine/run_dir.py).
-    overwrite: bool = False
+    mixed_precision: str = setting(
+        "float32", "float32, bfloat16 or float16 (Keras mixed policies: float32 weights and "
+        "logits; float16 with dynamic loss scaling in the train step).",
+        check=one_of(MIXED_PRECISIONS), section=HEALTH)
+    jit_compile: bool = setting(  # slower on CPU (DESIGN.md)
+        False, "XLA-compile each replica's forward/backward pass (one replica only; off by "
+        "default: about 6x slower for MobileNetV2 on this CPU).", section=HEALTH)
 
 
 @dataclasses.dataclass(frozen=True)
 class BenchmarkConfig:
     """--mode=benchmark only: timed windows of the train step (engine/bench/)."""
-    window_s: float = 2.0  # each timed window lasts at least this long
-    windows: int = 5
-    input: str = "synthetic"  # synthetic | real | both
-    compare: str = "none"  # none, or a comma list of keras_fit, ema, frozen, mirrored1, k1
+    SECTION = "Benchmark (--mode=benchmark)"
+    window_s: float = setting(2.0, "Minimum length of each timed window, seconds.",
+                              flag="benchmark_window_s", check=above(0))
+    windows: int = setting(5, "Timed windows per arm.", flag="benchmark_windows",
+                           check=at_least(1))
+    input: str = setting(
+        "synthetic", "synthetic (one in-memory batch), real (the training pipeline) or both "
+        "(alternated).", flag="benchmark_input", aliases=("input",),
+        check=one_of(BENCHMARK_INPUTS))
+    compare: str = setting(
+        "none", "none, or a comma list of: keras_fit (Keras model.fit, same model and data), ema "
+        "(EMA on vs off), frozen (frozen vs unfrozen phase), mirrored1 (one-replica "
+        "MirroredStrategy vs default), k1 (1 step per call vs --steps_per_loop); all timed side "
+        "by side, alternated.", flag="benchmark_compare", aliases=("compare",),
+        parse=_empty_means("none"), check=_compare_list)
 
     def compares(self) -> Tuple[str, ...]:
         """--benchmark_compare as a tuple of names (empty for none)."""
-        names = tuple(n.strip() for n in self.compare.split(",") if n.strip())
-        return () if names == ("none",) else names
+        return _compare_names(self.compare)
 
 
 @dataclasses.dataclass(frozen=True)
 class PredictConfig:
     """--mode=predict only (engine/predict.py): what to predict on, where to, with what."""
-    input: str = ""   # a folder of images, a CSV/text list of images, or TFRecords
-    output: str = ""  # the submission CSV; the probabilities CSV goes next to it
-    model: str = ""   # an exported SavedModel dir; empty: model_dir's checkpoint (--export_from)
+    SECTION = "Predict (--mode=predict)"
+    input: str = setting(
+        "", "--mode=predict: a folder of .png/.jpg/.jpeg images, a CSV with an image_name column "
+        "(names resolved in the CSV's folder or its images/ subfolder, as for training) or a "
+        "text file of image paths (one a line), or TFRecords (a .tfrecord file, a glob, or a "
+        "folder of them).", flag="predict_input")
+    output: str = setting(
+        "", "--mode=predict: the CSV to write (image_name,tags: the labels whose probability >= "
+        "its threshold, space-separated); <stem>_probabilities.csv goes next to it. "
+        "Segmentation: image_name,mask and <stem>_masks/NAME.png (class ids).",
+        flag="predict_output")
+    model: str = setting(
+        "", "--mode=predict: an exported SavedModel dir (labels and thresholds from its "
+        "metadata); empty: the --model_dir checkpoint --export_from picks (EMA weights unless "
+        "--export_raw), thresholds searched on val as export does.", flag="predict_model")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,109 +545,45 @@ class Config:
         return dataclasses.replace(self, **changes).validated()
 
     def validated(self) -> "Config":
-        """Returns self, or raises ConfigError naming the first bad flag."""
-        m, o, f, t = self.model, self.optimizer, self.freeze, self.train
-        _one_of("backbone", m.backbone, BACKBONES)
-        _one_of("task", m.task, TASKS)
-        _one_of("optimizer", o.name, OPTIMIZERS)
-        _at_least("decoded_cache_mb", self.data.decoded_cache_mb, 0)
-        _one_of("lr_schedule", o.schedule, SCHEDULES)
-        _one_of("strategy", t.strategy, STRATEGIES)
-        _one_of("best_mode", t.best_mode, ("min", "max"))
-        _one_of("threshold_objective", t.threshold_objective, THRESHOLD_OBJECTIVES)
-        if not t.export_from.strip():
-            raise ConfigError("--export_from is empty: give best, latest or a checkpoint path")
-        _at_least("input_size", m.input_size, 1)
-        _one_of("seg_model", m.seg_model, SEG_MODELS)
-        _at_least("unet_depth", m.unet_depth, 1)
-        _at_least("unet_filters", m.unet_filters, 1)
-        if m.task == "segmentation":
-            stride = 2 ** m.unet_depth if m.seg_model == "unet" else 16
-            if m.input_size % stride or (m.seg_model == "deeplabv3plus" and m.input_size < 32):
-                raise ConfigError(
-                    f"--input_size={m.input_size} must be a multiple of {stride} for "
-                    f"--seg_model={m.seg_model}"
-                    + (f" (--unet_depth={m.unet_depth})" if m.seg_model == "unet" else
-                       " and at least 32"))
-        _at_least("epochs", t.epochs, 1)
-        _at_least("batch_size", t.batch_size, 1)
-        _at_least("steps_per_epoch", t.steps_per_epoch, 0)
-        _at_least("steps_per_loop", t.steps_per_loop, 1)
-        _at_least("unfreeze_at", f.unfreeze_at, 0)
-        _at_least("keep_checkpoints", t.keep_checkpoints, 1)
-        _at_least("checkpoint_every_steps", t.checkpoint_every_steps, 0)
-        _at_least("num_virtual_cpus", t.num_virtual_cpus, 0)
-        for flag in ("max_bad_steps", "max_rollbacks", "summary_every", "histogram_every",
-                     "image_every", "early_stop_patience", "plateau_patience"):
-            _at_least(flag, getattr(t, flag), 0)
-        if not 0.0 < t.bad_step_lr_factor <= 1.0:
-            raise ConfigError(f"--bad_step_lr_factor={t.bad_step_lr_factor} must be in (0, 1]")
-        if not 0.0 < t.plateau_factor < 1.0:
-            raise ConfigError(f"--plateau_factor={t.plateau_factor} must be in (0, 1)")
-        if not 0.0 <= t.init_min_fraction <= 1.0:
-            raise ConfigError(f"--init_min_fraction={t.init_min_fraction} must be in [0, 1]")
-        if not 0.0 <= t.ema_decay < 1.0:
-            raise ConfigError(f"--ema_decay={t.ema_decay} must be in [0, 1)")
-        if not 0.0 <= m.dropout < 1.0:
-            raise ConfigError(f"--dropout={m.dropout} must be in [0, 1)")
-        if not (o.learning_rate > 0 and math.isfinite(o.learning_rate)):
-            raise ConfigError(f"--learning_rate={o.learning_rate} must be a finite number > 0")
-        if not (t.max_loss_ratio >= 0 and math.isfinite(t.max_loss_ratio)):
-            raise ConfigError(f"--max_loss_ratio={t.max_loss_ratio} must be a finite number >= 0")
-        if not 0.0 <= o.momentum < 1.0:
-            raise ConfigError(f"--momentum={o.momentum} must be in [0, 1)")
-        if o.weight_decay < 0:
-            raise ConfigError(f"--weight_decay={o.weight_decay} must be >= 0")
-        if o.warmup_epochs < 0:
-            raise ConfigError(f"--warmup_epochs={o.warmup_epochs} must be >= 0")
-        if o.backbone_lr_multiplier < 0:
-            raise ConfigError(
-                f"--backbone_lr_multiplier={o.backbone_lr_multiplier} must be >= 0")
-        if o.global_clipnorm < 0:
-            raise ConfigError(f"--global_clipnorm={o.global_clipnorm} must be >= 0")
-        if o.clipnorm < 0:
-            raise ConfigError(f"--clipnorm={o.clipnorm} must be >= 0")
-        if o.clipvalue < 0:
-            raise ConfigError(f"--clipvalue={o.clipvalue} must be >= 0")
-        if o.schedule == "step" and not o.lr_step_epochs:
-            raise ConfigError("--lr_schedule=step needs --lr_step_epochs, e.g. 30,60")
-        if list(o.lr_step_epochs) != sorted(set(o.lr_step_epochs)):
-            raise ConfigError(
-                f"--lr_step_epochs={','.join(map(str, o.lr_step_epochs))} must increase")
-        _check_unfreeze_layers("unfreeze_layers", f.unfreeze_layers)
-        parse_unfreeze_schedule(f.unfreeze_schedule)
-        if f.unfreeze_schedule and (f.unfreeze_at != 0 or f.unfreeze_layers != "all"):
-            raise ConfigError("--unfreeze_schedule replaces --unfreeze_at and --unfreeze_layers; "
-                              "give the whole schedule there and drop the other two")
-        if not 0.0 < o.layer_lr_decay <= 1.0:
-            raise ConfigError(f"--layer_lr_decay={o.layer_lr_decay} must be in (0, 1]")
-        for name in t.allow_changed:
-            if name not in ALLOWABLE_CHANGES:
-                raise ConfigError(f"--allow_changed={','.join(t.allow_changed)}: {name} is not "
-                                  f"one of {', '.join(ALLOWABLE_CHANGES)}")
-        b = self.benchmark
-        _one_of("benchmark_input", b.input, BENCHMARK_INPUTS)
-        compares = b.compares()
-        for name in compares:
-            if name not in BENCHMARK_COMPARES or name == "none":  # "none" alone gives ()
-                raise ConfigError(f"--benchmark_compare={b.compare} is not one of "
-                                  f"{', '.join(BENCHMARK_COMPARES)} (or a comma list of them)")
-        if len(set(compares)) != len(compares):
-            raise ConfigError(f"--benchmark_compare={b.compare} names a comparison twice")
-        if "k1" in compares and t.steps_per_loop == 1:
-            raise ConfigError("--benchmark_compare=k1 compares K=1 with --steps_per_loop, "
-                              "which is 1: set --steps_per_loop > 1")
-        if "mirrored1" in compares and t.strategy != "default":
-            raise ConfigError(f"--benchmark_compare=mirrored1 compares a one-replica "
-                              f"MirroredStrategy with --strategy=default, not {t.strategy}")
-        _one_of("mixed_precision", t.mixed_precision, MIXED_PRECISIONS)
-        _at_least("benchmark_windows", b.windows, 1)
-        if not b.window_s > 0:
-            raise ConfigError(f"--benchmark_window_s={b.window_s} must be > 0")
-        if t.strategy == "default" and t.num_virtual_cpus > 1:
-            raise ConfigError(
-                "--num_virtual_cpus needs --strategy=mirrored (the default strategy has one replica)")
+        """Returns self, or raises ConfigError naming the first bad flag.
+
+        First each field's own checks (its setting(check=...)), in field
+        order; then the checks that relate several fields.
+        """
+        for spec in specs():
+            value = getattr(getattr(self, spec.group), spec.name)
+            for check in spec.setting.checks:
+                check(spec.flag, value)
+        _check_across(self)
         return self
+
+
+def _check_across(c: Config) -> None:
+    """The checks that involve more than one field (each field's own passed)."""
+    m, o, f, t, b = c.model, c.optimizer, c.freeze, c.train, c.benchmark
+    if m.task == "segmentation":
+        stride = 2 ** m.unet_depth if m.seg_model == "unet" else 16
+        if m.input_size % stride or (m.seg_model == "deeplabv3plus" and m.input_size < 32):
+            raise ConfigError(
+                f"--input_size={m.input_size} must be a multiple of {stride} for "
+                f"--seg_model={m.seg_model}"
+                + (f" (--unet_depth={m.unet_depth})" if m.seg_model == "unet" else
+                   " and at least 32"))
+    if o.schedule == "step" and not o.lr_step_epochs:
+        raise ConfigError("--lr_schedule=step needs --lr_step_epochs, e.g. 30,60")
+    if f.unfreeze_schedule and (f.unfreeze_at != 0 or f.unfreeze_layers != "all"):
+        raise ConfigError("--unfreeze_schedule replaces --unfreeze_at and --unfreeze_layers; "
+                          "give the whole schedule there and drop the other two")
+    compares = b.compares()
+    if "k1" in compares and t.steps_per_loop == 1:
+        raise ConfigError("--benchmark_compare=k1 compares K=1 with --steps_per_loop, "
+                          "which is 1: set --steps_per_loop > 1")
+    if "mirrored1" in compares and t.strategy != "default":
+        raise ConfigError(f"--benchmark_compare=mirrored1 compares a one-replica "
+                          f"MirroredStrategy with --strategy=default, not {t.strategy}")
+    if t.strategy == "default" and t.num_virtual_cpus > 1:
+        raise ConfigError(
+            "--num_virtual_cpus needs --strategy=mirrored (the default strategy has one replica)")
 
 
 def parse_unfreeze_schedule(text: str) -> Tuple[Tuple[int, str], ...]:
@@ -353,7 +604,7 @@ def parse_unfreeze_schedule(text: str) -> Tuple[Tuple[int, str], ...]:
             raise ConfigError(f"--unfreeze_schedule={text}: '{entry}' is not EPOCH:WHAT "
                               f"(e.g. 3:blocks:2,6:all)")
         out.append((int(epoch), what.strip()))
-        _check_unfreeze_layers("unfreeze_schedule", out[-1][1], whole=text)
+        unfreeze_layers_value("unfreeze_schedule", out[-1][1], whole=text)
     epochs = [e for e, _ in out]
     if epochs != sorted(set(epochs)):
         raise ConfigError(f"--unfreeze_schedule={text}: the epochs must increase")
@@ -363,25 +614,3 @@ def parse_unfreeze_schedule(text: str) -> Tuple[Tuple[int, str], ...]:
         raise ConfigError(f"--unfreeze_schedule={text}: {repeated[0]} appears twice; "
                           f"each phase must name another WHAT (it is the phase's name)")
     return tuple(out)
-
-
-def _check_unfreeze_layers(flag: str, value: str, whole: str = "") -> None:
-    """One value as --unfreeze_layers takes it: all | blocks:K | regex:PATTERN."""
-    shown = f"--{flag}={whole or value}" + (f": {value}" if whole else "")
-    if not _UNFREEZE_LAYERS.match(value):
-        raise ConfigError(f"{shown} must be all, blocks:K or regex:PATTERN")
-    if value.startswith("regex:"):
-        try:
-            re.compile(value[len("regex:"):])
-        except re.error as e:
-            raise ConfigError(f"{shown}: bad pattern ({e})") from None
-
-
-def _one_of(flag, value, choices):
-    if value not in choices:
-        raise ConfigError(f"--{flag}={value} is not one of {', '.join(choices)}")
-
-
-def _at_least(flag, value, low):
-    if value < low:
-        raise ConfigError(f"--{flag}={value} must be >= {low}")

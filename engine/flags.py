@@ -1,205 +1,113 @@
-"""absl flag definitions and the one mapping from flags to a Config.
+"""absl flags generated from engine/config.py's settings, and flags -> Config.
 
-Only train_main.py imports this module; the library takes a Config. Flags
-are plain strings/numbers here and validated once, in Config.validated, so
-a bad value gives the same one-line message from the CLI and from code.
+Only train_main.py imports this module; the library takes a Config. Each
+Config field declares its flag (name, help, default, checks, conversion)
+with config.setting(); this module defines one flag per field, of the kind
+its type asks for, and converts the parsed flags back in one loop. Flags
+are validated once, in Config.validated, so a bad value gives the same
+one-line message from the CLI and from code.
 """
 from __future__ import annotations
 
+import typing
+from typing import Dict, List
+
 from absl import flags
 
-from engine.config import (DEFAULT_INPUT_SIZE, Config, ConfigError, DataConfig, FreezeConfig, LossConfig, ModelConfig,
-                           OptimizerConfig, TrainConfig)
-from engine.config import BenchmarkConfig  # --mode=benchmark
-from engine.config import PredictConfig  # --mode=predict
+from engine.config import FIELD_DEFAULT, Config, ConfigError, Spec, specs
 
-_d = Config()  # defaults live in one place: the dataclasses
-
-# --help and --helpfull list flags by these sections (absl's own help is one
-# alphabetical block per module); each section holds the flags defined after it.
-_SECTIONS = []
-
-
-def _section(title: str) -> None:
-    _SECTIONS.append((title, set(flags.FLAGS)))
-
-
-_section('Model')
-flags.DEFINE_string("backbone", "tiny_cnn", "inceptionv3, resnet50, mobilenetv2, efficientnetb0 or tiny_cnn")
-flags.DEFINE_integer("input_size", 0, "Square input size in pixels (0: the backbone's default, e.g. 75 for inceptionv3; 64 for --task=segmentation).")
-flags.DEFINE_string("weights", "", "Backbone weights: empty (random), 'imagenet' (needs network) or a local .h5/.weights.h5 file.")
-flags.DEFINE_float("dropout", _d.model.dropout, "Dropout before the head's logits.")
-flags.DEFINE_string("task", _d.model.task, "multilabel (sigmoid logits), multiclass (softmax logits) or segmentation (per-pixel softmax logits).")
-flags.DEFINE_boolean("sync_bn", _d.model.sync_bn, "Synchronize BatchNorm statistics across replicas (only matters with several; --nosync_bn lets them drift apart).")
-flags.DEFINE_string("seg_model", _d.model.seg_model, "--task=segmentation: unet or deeplabv3plus (MobileNetV2 encoder); --backbone is not used.")
-flags.DEFINE_integer("unet_depth", _d.model.unet_depth, "U-Net poolings (--input_size must be a multiple of 2^depth).")
-flags.DEFINE_integer("unet_filters", _d.model.unet_filters, "U-Net channels at the first level, doubled at each deeper one.")
-flags.DEFINE_string("bn_momentum", str(_d.model.bn_momentum), "BatchNorm moving-statistics momentum; empty keeps the architecture's own (0.99).")
-_section('Data')
-flags.DEFINE_string("data_dir", "", "User data (TFRecords or images + labels.csv); empty: the embedded dataset.")
-flags.DEFINE_string("cache_dir", _d.data.cache_dir, "Where the embedded dataset is made on first use.")
-flags.DEFINE_boolean("augment", _d.data.augment, "Random flips while training.")
-flags.DEFINE_boolean("skip_bad_records", _d.data.skip_bad_records, "Check every record when the data is opened and train without the bad ones (undecodable image, wrong-size image, wrong label width, corrupt TFRecord record, CSV row naming no file), counting them in the epoch report; without it a bad record stops the run naming file and record.")
-flags.DEFINE_integer("decoded_cache_mb", _d.data.decoded_cache_mb, "Decode the training and validation images once and keep them in memory when a split takes at most this many MB as float32 pixels at --input_size (0: decode every epoch).")
-_section('Optimizer')
-flags.DEFINE_string("optimizer", _d.optimizer.name, "sgd, momentum, adam, adamw or rmsprop.")
-flags.DEFINE_float("learning_rate", _d.optimizer.learning_rate, "Peak learning rate.")
-flags.DEFINE_float("momentum", _d.optimizer.momentum, "Momentum for momentum/rmsprop.")
-flags.DEFINE_float("weight_decay", _d.optimizer.weight_decay, "Decoupled weight decay (0: off).")
-flags.DEFINE_string("lr_schedule", _d.optimizer.schedule, "constant, cosine or step.")
-flags.DEFINE_float("warmup_epochs", _d.optimizer.warmup_epochs, "Linear warmup length in epochs.")
-flags.DEFINE_list("lr_step_epochs", [], "Epochs at which --lr_schedule=step multiplies by --lr_step_factor.")
-flags.DEFINE_float("lr_step_factor", _d.optimizer.lr_step_factor, "Factor of each step of the step schedule.")
-flags.DEFINE_float("backbone_lr_multiplier", _d.optimizer.backbone_lr_multiplier, "Backbone LR = LR x this, after unfreezing.")
-flags.DEFINE_float("layer_lr_decay", _d.optimizer.layer_lr_decay, "Layer-wise LR decay in (0, 1]: a backbone block k blocks below the top one trains at LR x --backbone_lr_multiplier x this^k, with its own optimizer (1: off).")
-flags.DEFINE_float("global_clipnorm", _d.optimizer.global_clipnorm, "Clip the replica-summed gradient to this global norm (0: off).")
-flags.DEFINE_float("clipnorm", _d.optimizer.clipnorm, "Clip each variable's replica-summed gradient to this norm (0: off).")
-flags.DEFINE_float("clipvalue", _d.optimizer.clipvalue, "Clip each replica-summed gradient element to [-v, v] (0: off). Order: clipvalue, clipnorm, global_clipnorm.")
-_section('Freeze')
-flags.DEFINE_integer("unfreeze_at", _d.freeze.unfreeze_at, "Backbone frozen for the first N epochs, trained from epoch N+1 (0: from the start).")
-flags.DEFINE_string("unfreeze_layers", _d.freeze.unfreeze_layers, "What thaws: all, blocks:K (last K blocks) or regex:PATTERN.")
-flags.DEFINE_boolean("freeze_bn", _d.freeze.freeze_bn, "Keep backbone BatchNorm frozen after unfreezing.")
-flags.DEFINE_string("unfreeze_schedule", _d.freeze.unfreeze_schedule, "Gradual unfreezing, EPOCH:WHAT,... e.g. 3:blocks:2,6:blocks:5,9:all: from epoch EPOCH+1 on (as --unfreeze_at=EPOCH) WHAT trains (as --unfreeze_layers); frozen before the first; replaces --unfreeze_at/--unfreeze_layers.")
-_section('Loss')
-flags.DEFINE_string("loss", _d.loss.loss, "bce, weighted_bce, focal, fbeta, bce+fbeta, cce, sparse_cce; segmentation: ce (its default), dice, lovasz, ce+lovasz, ...")
-flags.DEFINE_string("pos_weight", "", "weighted_bce: 'auto' (from label density), 'w1,w2,...' or empty.")
-flags.DEFINE_float("focal_gamma", _d.loss.focal_gamma, "Focal loss gamma.")
-flags.DEFINE_float("focal_alpha", _d.loss.focal_alpha, "Focal loss alpha.")
-flags.DEFINE_float("fbeta", _d.loss.fbeta, "Beta of the F-beta loss and metrics.")
-flags.DEFINE_float("fbeta_weight", _d.loss.fbeta_weight, "Weight of fbeta in bce+fbeta.")
-flags.DEFINE_float("label_smoothing", _d.loss.label_smoothing, "Label smoothing for cross-entropy.")
-_section('Run')
+# Flags that are not settings of a run, with their --help section.
 flags.DEFINE_string("mode", "train", "train, eval, benchmark, export or predict.")
-flags.DEFINE_string("model_dir", _d.train.model_dir, "Checkpoints, logs and flags; the same dir again resumes.")
-flags.DEFINE_boolean("overwrite", _d.train.overwrite, "Start fresh on a --model_dir that holds an earlier run's results but no checkpoint to resume, moving them to model_dir/overwritten/<UTC time>/ (never deleted). A resumable checkpoint is still resumed. Not saved in flags.txt.")
-flags.DEFINE_integer("epochs", _d.train.epochs, "Number of epochs.")
-flags.DEFINE_integer("batch_size", _d.train.batch_size, "Global batch size over all replicas.")
-flags.DEFINE_integer("steps_per_epoch", _d.train.steps_per_epoch, "Cap on steps per epoch (0: the whole split).")
-flags.DEFINE_integer("steps_per_loop", _d.train.steps_per_loop, "Train steps run inside one traced call.")
-flags.DEFINE_integer("seed", _d.train.seed, "Seed for weights, shuffling and augmentation.")
-flags.DEFINE_boolean("deterministic", _d.train.deterministic, "Deterministic ops: a resumed run ends bit-identical.")
-flags.DEFINE_integer("checkpoint_every_steps", _d.train.checkpoint_every_steps, "Also checkpoint every N steps (0: per epoch only).")
-flags.DEFINE_integer("keep_checkpoints", _d.train.keep_checkpoints, "Rolling checkpoints kept.")
-flags.DEFINE_string("best_metric", _d.train.best_metric, "Validation metric that picks the best checkpoint.")
-flags.DEFINE_string("best_mode", _d.train.best_mode, "min or max for --best_metric.")
-flags.DEFINE_string("strategy", _d.train.strategy, "auto, default, one_device, mirrored or multi_worker.")
-flags.DEFINE_integer("num_virtual_cpus", _d.train.num_virtual_cpus, "Split the CPU into N devices (tests, mirrored).")
-flags.DEFINE_boolean("progress", _d.train.progress, "Show a tqdm bar per epoch.")
-flags.DEFINE_string("init_checkpoint", "", "Warm start the model weights (only) when --model_dir has no checkpoint: a tapeworks run dir or checkpoint, a tf.train.Checkpoint of a Keras model, a name-based (TF1/Keras 2) checkpoint, or a Keras .weights.h5/.keras/.h5 file. Prints what matched.")
-flags.DEFINE_list("init_include", [], "Key patterns (fnmatch on the whole key, e.g. model/backbone/*) restored by --init_checkpoint; a pattern matching no model tensor is an error.")
-flags.DEFINE_list("init_exclude", [], "Key patterns (fnmatch, e.g. model/head/*) not restored by --init_checkpoint; a pattern matching no model tensor is an error.")
-flags.DEFINE_float("init_min_fraction", _d.train.init_min_fraction, "--init_checkpoint must match at least this share of the selected model tensors and of their parameters, else the run stops (exit 2).")
-flags.DEFINE_boolean("allow_partial_restore", _d.train.allow_partial_restore, "Resume even when model tensors are missing; warm start (or --weights) even below --init_min_fraction or with nothing matched.")
-flags.DEFINE_list("allow_changed", [], "On resume, accept a change of these settings although it changes what the saved state means (optimizer, labels, task, input_size, batch_size); the state it affects starts fresh and the log says so. Never saved in flags.txt.")
-flags.DEFINE_float("ema_decay", _d.train.ema_decay, "EMA decay of the weights (0: off).")
-flags.DEFINE_boolean("ema_warmup", _d.train.ema_warmup, "Decay grows as min(decay, (1+n)/(10+n)).")
-flags.DEFINE_boolean("eval_with_ema", _d.train.eval_with_ema, "Also evaluate the EMA weights.")
-flags.DEFINE_boolean("export_raw", _d.train.export_raw, "--mode=export writes the raw weights, not the EMA ones.")
-flags.DEFINE_string("export_from", _d.train.export_from, "--mode=export: best (model_dir/best/, the checkpoint --best_metric picked; the latest, with a note, when best/ is empty), latest (the newest in model_dir/checkpoints/) or a checkpoint path prefix (e.g. runs/x/checkpoints/ckpt-120).")
-flags.DEFINE_string("threshold_objective", _d.train.threshold_objective, "What each label's decision threshold is searched to maximise on the validation split: per_label (each label's own F-beta, independently) or samples (the mean per-image F-beta, labels coupled; can leave a rare label never predicted).")
-_section('Training health')
-flags.DEFINE_integer("max_bad_steps", _d.train.max_bad_steps, "Steps whose loss or gradients are not finite are skipped (nothing changes); after this many in a row, roll back to the last good checkpoint (0: never roll back).")
-flags.DEFINE_integer("max_rollbacks", _d.train.max_rollbacks, "Rollbacks allowed before the run stops with a diagnosis naming the first non-finite layer.")
-flags.DEFINE_float("max_loss_ratio", _d.train.max_loss_ratio, "A train call's mean loss or the val loss above this many times the prevalence baseline's val loss counts as divergence, like --max_bad_steps: roll back, then stop with a diagnosis (0: off).")
-flags.DEFINE_float("bad_step_lr_factor", _d.train.bad_step_lr_factor, "Learning rate multiplier applied at each rollback.")
-flags.DEFINE_integer("summary_every", _d.train.summary_every, "TensorBoard scalars from inside the step (lr, global and per-layer gradient norms, loss) every N steps (0: off).")
-flags.DEFINE_integer("histogram_every", _d.train.histogram_every, "Weight and gradient histograms every N steps (0: off).")
-flags.DEFINE_integer("image_every", _d.train.image_every, "A few input images with their predictions every N steps (0: off).")
-flags.DEFINE_integer("early_stop_patience", _d.train.early_stop_patience, "Stop after N epochs without improvement of --best_metric (0: off).")
-flags.DEFINE_integer("plateau_patience", _d.train.plateau_patience, "Multiply the learning rate by --plateau_factor after N epochs without improvement of --best_metric (0: off).")
-flags.DEFINE_float("plateau_factor", _d.train.plateau_factor, "Learning rate factor of --plateau_patience.")
-flags.DEFINE_string("mixed_precision", _d.train.mixed_precision, "float32, bfloat16 or float16 (Keras mixed policies: float32 weights and logits; float16 with dynamic loss scaling in the train step).")
-flags.DEFINE_boolean("jit_compile", _d.train.jit_compile, "XLA-compile each replica's forward/backward pass (one replica only; off by default: about 6x slower for MobileNetV2 on this CPU).")
-_section('Benchmark (--mode=benchmark)')
-flags.DEFINE_float("benchmark_window_s", _d.benchmark.window_s, "Minimum length of each timed window, seconds.")
-flags.DEFINE_integer("benchmark_windows", _d.benchmark.windows, "Timed windows per arm.")
-flags.DEFINE_string("benchmark_input", _d.benchmark.input, "synthetic (one in-memory batch), real (the training pipeline) or both (alternated).")
-flags.DEFINE_string("benchmark_compare", _d.benchmark.compare, "none, or a comma list of: keras_fit (Keras model.fit, same model and data), ema (EMA on vs off), frozen (frozen vs unfrozen phase), mirrored1 (one-replica MirroredStrategy vs default), k1 (1 step per call vs --steps_per_loop); all timed side by side, alternated.")
-_section('Predict (--mode=predict)')
-flags.DEFINE_string("predict_input", "", "--mode=predict: a folder of .png/.jpg/.jpeg images, a CSV with an image_name column (names resolved in the CSV's folder or its images/ subfolder, as for training) or a text file of image paths (one a line), or TFRecords (a .tfrecord file, a glob, or a folder of them).")
-flags.DEFINE_string("predict_output", "", "--mode=predict: the CSV to write (image_name,tags: the labels whose probability >= its threshold, space-separated); <stem>_probabilities.csv goes next to it. Segmentation: image_name,mask and <stem>_masks/NAME.png (class ids).")
-flags.DEFINE_string("predict_model", "", "--mode=predict: an exported SavedModel dir (labels and thresholds from its metadata); empty: the --model_dir checkpoint --export_from picks (EMA weights unless --export_raw), thresholds searched on val as export does.")
+NOT_FIELDS = {"mode": "Run"}
 
-_section("")  # the end of the last section
 
-# The names the benchmark issue and users type: --compare=keras_fit, --input=real.
-_ALIASES = {"compare": "benchmark_compare", "input": "benchmark_input"}
-for _alias, _name in _ALIASES.items():
+def _kind(t) -> str:
+    """The absl flag kind of a field type: Optional -> string, Tuple -> list."""
+    origin = typing.get_origin(t)
+    if origin is typing.Union:  # Optional[X]: empty means None
+        return "string"
+    if origin is tuple:
+        return "list"
+    return {bool: "boolean", int: "integer", float: "float", str: "string"}[t]
+
+
+def _flag_default(spec: Spec):
+    """The flag's default: the field's, in the flag's form, unless setting(flag_default=)."""
+    if spec.flag_default is not FIELD_DEFAULT:
+        return spec.flag_default
+    origin = typing.get_origin(spec.type)
+    if origin is typing.Union:  # Optional[X]: None is the empty string
+        return "" if spec.default is None else str(spec.default)
+    return list(spec.default) if origin is tuple else spec.default
+
+
+def _from_flag(spec: Spec, value):
+    """The field's value from its flag's by the field's type (setting(parse=) aside)."""
+    origin = typing.get_origin(spec.type)
+    if origin is typing.Union:  # Optional[X]
+        if not value.strip():
+            return None
+        inner = next(a for a in typing.get_args(spec.type) if a is not type(None))
+        if inner is str:
+            return value
+        try:
+            return inner(value)
+        except ValueError:
+            raise ValueError("must be a number or empty") from None
+    if origin is tuple:
+        item = typing.get_args(spec.type)[0]
+        try:
+            return tuple(item(v) for v in value)
+        except ValueError:
+            raise ValueError("must be a comma list of integers") from None  # int items only
+    return value
+
+
+_DEFINE = {"string": flags.DEFINE_string, "integer": flags.DEFINE_integer,
+           "float": flags.DEFINE_float, "boolean": flags.DEFINE_boolean,
+           "list": flags.DEFINE_list}
+_SECTIONS: Dict[str, List[str]] = {}  # --help: section title -> flag names, in order
+_ALIASES: Dict[str, str] = {}  # --compare=keras_fit, --input=real: what users type
+for _spec in specs():
+    _DEFINE[_kind(_spec.type)](_spec.flag, _flag_default(_spec), _spec.setting.help)
+    _SECTIONS.setdefault(_spec.section, []).append(_spec.flag)
+    _ALIASES.update({alias: _spec.flag for alias in _spec.setting.aliases})
+for _name, _section in NOT_FIELDS.items():
+    _SECTIONS[_section].insert(0, _name)
+for _alias, _name in sorted(_ALIASES.items()):
     flags.DEFINE_alias(_alias, _name)
 
 
-def _int_list(flag: str, values) -> tuple:
-    try:
-        return tuple(int(v) for v in values)
-    except ValueError:
-        raise ConfigError(f"--{flag}={','.join(values)} must be a comma list of integers") from None
+class _Given:
+    """What a setting's parse= sees of the other flags: f["task"], f.given("loss")."""
 
+    def __init__(self, f):
+        self._f = f
 
-def _optional_float(flag: str, text: str):
-    if not text.strip():
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise ConfigError(f"--{flag}={text} must be a number or empty") from None
+    def __getitem__(self, name):
+        return self._f[name].value
 
-
-def _loss_name(f) -> str:
-    """--loss, or for --task=segmentation without --loss its own default, ce."""
-    if f.task == "segmentation" and not f["loss"].present:
-        return "ce"
-    return f.loss
+    def given(self, name) -> bool:
+        return bool(self._f[name].present)
 
 
 def config_from_flags(f=flags.FLAGS) -> Config:
-    """The one place flags become settings."""
-    return Config(
-        model=ModelConfig(backbone=f.backbone,
-                          input_size=f.input_size or (64 if f.task == "segmentation" else DEFAULT_INPUT_SIZE.get(f.backbone, 1)), weights=f.weights or None,
-                          dropout=f.dropout, task=f.task, sync_bn=f.sync_bn,
-                          bn_momentum=_optional_float("bn_momentum", f.bn_momentum),
-                          seg_model=f.seg_model, unet_depth=f.unet_depth,
-                          unet_filters=f.unet_filters),
-        data=DataConfig(data_dir=f.data_dir or None, cache_dir=f.cache_dir, augment=f.augment,
-                        skip_bad_records=f.skip_bad_records,
-                        decoded_cache_mb=f.decoded_cache_mb),
-        optimizer=OptimizerConfig(
-            name=f.optimizer, learning_rate=f.learning_rate, momentum=f.momentum,
-            weight_decay=f.weight_decay, schedule=f.lr_schedule, warmup_epochs=f.warmup_epochs,
-            lr_step_epochs=_int_list("lr_step_epochs", f.lr_step_epochs),
-            lr_step_factor=f.lr_step_factor, backbone_lr_multiplier=f.backbone_lr_multiplier,
-            layer_lr_decay=f.layer_lr_decay,
-            global_clipnorm=f.global_clipnorm, clipnorm=f.clipnorm, clipvalue=f.clipvalue),
-        freeze=FreezeConfig(unfreeze_at=f.unfreeze_at, unfreeze_layers=f.unfreeze_layers,
-                            freeze_bn=f.freeze_bn, unfreeze_schedule=f.unfreeze_schedule),
-        loss=LossConfig(loss=_loss_name(f), pos_weight=f.pos_weight or None, focal_gamma=f.focal_gamma,
-                        focal_alpha=f.focal_alpha, fbeta=f.fbeta, fbeta_weight=f.fbeta_weight,
-                        label_smoothing=f.label_smoothing),
-        train=TrainConfig(
-            model_dir=f.model_dir, epochs=f.epochs, batch_size=f.batch_size,
-            steps_per_epoch=f.steps_per_epoch, steps_per_loop=f.steps_per_loop, seed=f.seed,
-            deterministic=f.deterministic, checkpoint_every_steps=f.checkpoint_every_steps,
-            keep_checkpoints=f.keep_checkpoints, best_metric=f.best_metric,
-            best_mode=f.best_mode, strategy=f.strategy, num_virtual_cpus=f.num_virtual_cpus,
-            progress=f.progress, init_checkpoint=f.init_checkpoint or None,
-            init_include=tuple(f.init_include), init_exclude=tuple(f.init_exclude),
-            init_min_fraction=f.init_min_fraction,
-            allow_partial_restore=f.allow_partial_restore,
-            allow_changed=tuple(f.allow_changed), ema_decay=f.ema_decay,
-            ema_warmup=f.ema_warmup, eval_with_ema=f.eval_with_ema, export_raw=f.export_raw,
-            export_from=f.export_from, threshold_objective=f.threshold_objective,
-            mixed_precision=f.mixed_precision, jit_compile=f.jit_compile,
-            max_bad_steps=f.max_bad_steps, max_rollbacks=f.max_rollbacks,
-            bad_step_lr_factor=f.bad_step_lr_factor, max_loss_ratio=f.max_loss_ratio,
-            summary_every=f.summary_every,
-            histogram_every=f.histogram_every, image_every=f.image_every,
-            early_stop_patience=f.early_stop_patience, plateau_patience=f.plateau_patience,
-            plateau_factor=f.plateau_factor, overwrite=f.overwrite),
-        benchmark=BenchmarkConfig(window_s=f.benchmark_window_s, windows=f.benchmark_windows,
-                                  input=f.benchmark_input, compare=f.benchmark_compare or "none"),
-        predict=PredictConfig(input=f.predict_input, output=f.predict_output,
-                              model=f.predict_model),
-    ).validated()
+    """The one place flags become settings: each field from its flag, then validated."""
+    given, groups = _Given(f), {}
+    for spec in specs():
+        value = f[spec.flag].value
+        try:
+            if spec.setting.parse is not None:
+                value = spec.setting.parse(value, given)
+            else:
+                value = _from_flag(spec, value)
+        except ConfigError:
+            raise
+        except ValueError as e:  # the parse's text, after the flag as typed
+            shown = ",".join(value) if isinstance(value, list) else value
+            raise ConfigError(f"--{spec.flag}={shown} {e}") from None
+        groups.setdefault(spec.group, {})[spec.name] = value
+    return Config().replace(**groups)  # validated
 
 
 # Flags that choose what to do with a run rather than describe it. flags.txt
@@ -232,9 +140,8 @@ def help_text(full: bool, f=flags.FLAGS) -> str:
     lines = ["usage: python train_main.py [--flag=value ...] [--flagfile=FILE]",
              "  e.g. python train_main.py --backbone=inceptionv3 --unfreeze_at=5",
              "       python train_main.py --mode=eval --flagfile=runs/default/flags.txt", ""]
-    for (title, before), (_, after) in zip(_SECTIONS, _SECTIONS[1:]):
-        names = [n for n in f if n not in before and n in after and n not in _ALIASES]
-        names = [n for n in dict.fromkeys(names) if full or n in KEY_FLAGS]
+    for title, section in _SECTIONS.items():
+        names = [n for n in section if full or n in KEY_FLAGS]
         if not names:
             continue
         lines.append(f"{title}:")
