@@ -103,20 +103,80 @@ def make_train_loop(*, model, loss_fn: Callable, groups: Dict[str, ParamGroup],
     """
     names = [n for n in groups if phase_variables.get(n)]
     variables = [v for n in names for v in phase_variables[n]]
-    # The tape wants tf.Variables; Keras 3 variables wrap one in `.value`.
-    watched = [as_tf_variable(v) for v in variables]
-    # Which variables got a gradient is known when the step is traced (None
-    # is a graph-structure fact); replica_forward records it here, and those
-    # without one are left out of the all-reduce and the apply, as Keras does:
-    # a zero gradient would still move them through momentum or weight decay.
-    has_grad: List[bool] = []
     if guard is None:
         with strategy.scope():
             guard = StepGuard()
     traces = {"count": 0, "guard": guard}
-    written = _forward_written_state(model)
     summaries = summaries if summaries is not None and summaries.enabled else None
     want_logits = summaries is not None and bool(summaries.image_every)
+    # Which variables got a gradient is known when the step is traced (None
+    # is a graph-structure fact); the forward pass records it here, and those
+    # without one are left out of the all-reduce and the apply, as Keras does:
+    # a zero gradient would still move them through momentum or weight decay.
+    has_grad: List[bool] = []
+    forward = _replica_forward(model, loss_fn, variables, has_grad, global_batch=global_batch,
+                               local_replicas=local_replicas, loss_scale=loss_scale,
+                               want_logits=want_logits)
+    if jit_compile:
+        forward = tf.function(forward, jit_compile=True)
+
+    def with_grads():
+        """The phase's variables that got a gradient, in the order of the gradients."""
+        return [v for v, has in zip(variables, has_grad) if has]
+
+    apply = _cross_replica_apply(strategy, {n: groups[n] for n in names}, phase_variables,
+                                 with_grads, after_step, clipvalue=clipvalue, clipnorm=clipnorm,
+                                 global_clipnorm=global_clipnorm)
+    learning_rates = {n: (lambda n=n: groups[n].optimizer.learning_rate) for n in names}
+
+    @tf.function
+    def train_loop(iterator, num_steps):
+        traces["count"] += 1  # Python side effect: runs once per trace.
+        total = tf.constant(0.0)
+        good = tf.constant(0.0)
+        norm = tf.constant(0.0)
+        first = strategy.experimental_local_results  # all replicas agree after the all-reduce
+        for _ in tf.range(num_steps):
+            images, labels = next(iterator)
+            out = strategy.run(forward, args=(images, labels))
+            loss, grads, norm_r, ok_r = out[:4]
+            loss, norm, ok = first(loss)[0], first(norm_r)[0], first(ok_r)[0]
+            tf.cond(ok, lambda: apply(grads, norm_r), lambda: tf.constant(False))
+            if loss_scale is not None:
+                # An overflow is the scale search at work, not divergence.
+                counted_ok = tf.logical_or(ok, loss_scale.is_overflow(ok))
+                loss_scale.update(ok)
+            else:
+                counted_ok = ok
+            guard.record(counted_ok, images, labels)
+            total += tf.where(ok, loss, 0.0)
+            good += tf.cast(ok, tf.float32)
+            if summaries is not None:
+                summaries.write(
+                    step=global_step + 1, loss=loss, norm=norm,
+                    grads=[first(g)[0] for g in grads], variables=with_grads(),
+                    learning_rates=learning_rates, bad_steps=guard.bad_steps,
+                    images=images, labels=labels,
+                    logits=first(out[4])[0] if want_logits else None)
+            global_step.assign_add(1)
+        mean = tf.where(good > 0, total / tf.maximum(good, 1.0), float("nan"))
+        return mean, norm
+
+    return train_loop, traces
+
+
+def _replica_forward(model, loss_fn: Callable, variables: List, has_grad: List[bool], *,
+                     global_batch: int, local_replicas: int,
+                     loss_scale: Optional[DynamicLossScale], want_logits: bool):
+    """The replica function: this replica's slice, loss over the GLOBAL batch, gradients
+    summed over replicas, and the verdict `ok` every replica agrees on.
+
+    A bad step (non-finite loss, gradient norm or BN statistic) puts back
+    what the forward pass wrote (BN moving statistics, dropout RNG state).
+    """
+    # The tape wants tf.Variables; Keras 3 variables wrap one in `.value`.
+    watched = [as_tf_variable(v) for v in variables]
+    written = _forward_written_state(model)
 
     def replica_forward(images, labels):
         images, labels = _local_slice((images, labels), local_replicas)
@@ -134,16 +194,7 @@ def make_train_loop(*, model, loss_fn: Callable, groups: Dict[str, ParamGroup],
         grads = tape.gradient(scaled, watched)
         has_grad[:] = [g is not None for g in grads]
         grads = [g for g in grads if g is not None]
-        # A finite loss can come with an overflowed BN batch variance: what the
-        # forward pass wrote must be finite too. Each replica judges its own
-        # statistics; the sum below makes every replica agree. (One sum per
-        # variable, not an elementwise check: a NaN or inf anywhere makes the
-        # total non-finite, and the guard costs few ops per step.)
-        stats_bad = tf.constant(0.0)
-        sums = [tf.reduce_sum(tf.cast(as_tf_variable(v).read_value(), tf.float32))
-                for v in written if tf.as_dtype(v.dtype).is_floating]
-        if sums:
-            stats_bad = 1.0 - tf.cast(tf.math.is_finite(tf.add_n(sums)), tf.float32)
+        stats_bad = _written_state_is_bad(written)
         ctx = tf.distribute.get_replica_context()
         if ctx.num_replicas_in_sync > 1:
             # One all-reduce: every replica then holds the global loss too.
@@ -155,30 +206,58 @@ def make_train_loop(*, model, loss_fn: Callable, groups: Dict[str, ParamGroup],
         # overflows float32, above ~1.8e19, a step also worth skipping).
         norm = tf.linalg.global_norm(grads) if grads else tf.constant(0.0)
         ok = tf.math.is_finite(loss) & tf.equal(stats_bad, 0.0) & tf.math.is_finite(norm)
-        if written:
-            def put_back():
-                for v, value in zip(written, before):
-                    v.assign(value)
-                return tf.constant(True)
-
-            tf.cond(ok, lambda: tf.constant(False), put_back)
+        _put_back_unless(ok, written, before)
         return (loss, grads, norm, ok) + ((logits,) if want_logits else ())
 
-    if jit_compile:
-        replica_forward = tf.function(replica_forward, jit_compile=True)
+    return replica_forward
 
-    def with_grads():
-        """The phase's variables that got a gradient, in the order of the gradients."""
-        return [v for v, has in zip(variables, has_grad) if has]
 
+def _written_state_is_bad(written: List) -> tf.Tensor:
+    """1.0 when a statistic the forward pass wrote is not finite, else 0.0.
+
+    A finite loss can come with an overflowed BN batch variance. Each replica
+    judges its own statistics; the all-reduce then makes every replica agree.
+    (One sum per variable, not an elementwise check: a NaN or inf anywhere
+    makes the total non-finite, and the guard costs few ops per step.)
+    """
+    sums = [tf.reduce_sum(tf.cast(as_tf_variable(v).read_value(), tf.float32))
+            for v in written if tf.as_dtype(v.dtype).is_floating]
+    if not sums:
+        return tf.constant(0.0)
+    return 1.0 - tf.cast(tf.math.is_finite(tf.add_n(sums)), tf.float32)
+
+
+def _put_back_unless(ok, written: List, before: List) -> None:
+    """Restores what the forward pass wrote, unless the step is ok."""
+    if not written:
+        return
+
+    def put_back():
+        for v, value in zip(written, before):
+            v.assign(value)
+        return tf.constant(True)
+
+    tf.cond(ok, lambda: tf.constant(False), put_back)
+
+
+def _cross_replica_apply(strategy, groups: Dict[str, ParamGroup], phase_variables,
+                         with_grads: Callable[[], List], after_step, *, clipvalue: float,
+                         clipnorm: float, global_clipnorm: float):
+    """apply(grads, norm): clip the replica-summed gradients, apply each group's part, then
+    after_step (the EMA update), in cross-replica context.
+
+    The apply cannot sit in a cond inside the replica function: Keras' apply
+    synchronizes replicas with `merge_call`, which MirroredStrategy refuses
+    inside control flow of the replica function.
+    """
     def replica_apply(grads, norm):
         grads = clip_gradients(grads, clipvalue=clipvalue, clipnorm=clipnorm,
                                global_clipnorm=global_clipnorm, norm=norm)
         applied = with_grads()
-        for n in names:
-            members = {id(v) for v in phase_variables[n]}
+        for name, group in groups.items():
+            members = {id(v) for v in phase_variables[name]}
             pairs = [(g, v) for g, v in zip(grads, applied) if id(v) in members]
-            groups[n].apply([g for g, _ in pairs], [v for _, v in pairs])
+            group.apply([g for g, _ in pairs], [v for _, v in pairs])
 
     def apply(grads, norm):
         strategy.run(replica_apply, args=(grads, norm))
@@ -186,42 +265,7 @@ def make_train_loop(*, model, loss_fn: Callable, groups: Dict[str, ParamGroup],
             after_step()
         return tf.constant(True)
 
-    learning_rates = {n: (lambda n=n: groups[n].optimizer.learning_rate) for n in names}
-
-    @tf.function
-    def train_loop(iterator, num_steps):
-        traces["count"] += 1  # Python side effect: runs once per trace.
-        total = tf.constant(0.0)
-        good = tf.constant(0.0)
-        norm = tf.constant(0.0)
-        first = strategy.experimental_local_results  # all replicas agree after the all-reduce
-        for _ in tf.range(num_steps):
-            images, labels = next(iterator)
-            out = strategy.run(replica_forward, args=(images, labels))
-            loss, grads, norm_r, ok_r = out[:4]
-            loss, norm, ok = first(loss)[0], first(norm_r)[0], first(ok_r)[0]
-            tf.cond(ok, lambda: apply(grads, norm_r), lambda: tf.constant(False))
-            if loss_scale is not None:
-                # An overflow is the scale search at work, not divergence.
-                counted_ok = tf.logical_or(ok, loss_scale.is_overflow(ok))
-                loss_scale.update(ok)
-            else:
-                counted_ok = ok
-            guard.record(counted_ok, images, labels)
-            total += tf.where(ok, loss, 0.0)
-            good += tf.cast(ok, tf.float32)
-            if summaries is not None:
-                logits = first(out[4])[0] if want_logits else None
-                summaries.write(
-                    step=global_step + 1, loss=loss, norm=norm,
-                    grads=[first(g)[0] for g in grads], variables=with_grads(),
-                    learning_rates=learning_rates, bad_steps=guard.bad_steps,
-                    images=images, labels=labels, logits=logits)
-            global_step.assign_add(1)
-        mean = tf.where(good > 0, total / tf.maximum(good, 1.0), float("nan"))
-        return mean, norm
-
-    return train_loop, traces
+    return apply
 
 
 def holds_xla_function(concrete_function) -> bool:
