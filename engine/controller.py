@@ -39,6 +39,13 @@ from engine.steps import make_train_loop
 
 
 class Controller:
+    """The run's story over built parts (see the module docstring).
+
+    ~340 lines, every method under 45: the epoch loop and the per-call host
+    checks (bad steps, the loss bound, stop requests, --checkpoint_every_steps)
+    read in the order they happen; the actions own everything with state.
+    """
+
     def __init__(self, parts):
         self.parts = parts
         self.checkpointer = Checkpointer(parts)

@@ -484,27 +484,11 @@ def _parse_spec(spec: str) -> List[Tuple[Optional[float], str]]:
     return terms
 
 
-def make_loss(spec: str, *, num_labels: int, pos_weight=None, focal_gamma: float = 2.0,
-              focal_alpha: Optional[float] = 0.25, fbeta: float = 2.0,
-              label_smoothing: float = 0.0, fbeta_weight: float = 0.5,
-              task: str = "multilabel") -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
-    """Builds the loss named by spec: a callable (labels, logits) -> [B] float32.
+def _checked_terms(spec: str, *, num_labels, pos_weight, focal_gamma, focal_alpha, fbeta,
+                   label_smoothing, fbeta_weight, task):
+    """make_loss's argument checks: returns (terms, their names, pos_weight as float32).
 
-    spec is one name or a '+'-joined sum of optionally weighted names:
-    "bce", "weighted_bce", "focal", "fbeta", "cce", "sparse_cce", "ce",
-    "dice", "lovasz", "ce+lovasz", "0.5*ce+lovasz". Unweighted terms weigh 1,
-    except that exactly two unweighted terms one of which is fbeta (e.g.
-    "bce+fbeta") blend as (1 - fbeta_weight) * other + fbeta_weight * fbeta.
-
-    num_labels is the size of the logits' last axis (labels or classes) and
-    is checked when the loss is first called. pos_weight (a vector of
-    num_labels floats, see parse_pos_weight) is required by weighted_bce and
-    refused by every other spec. label_smoothing applies to the cross-entropy
-    terms (bce, weighted_bce, cce, sparse_cce, ce); the others see hard labels.
-    task picks the meaning of "focal" (sigmoid for multilabel, softmax for
-    multiclass) and which names are allowed.
-
-    Raises LossError with a one-line message naming the offending flag.
+    Every refusal is a LossError naming the flag, before any tensor is made.
     """
     if task not in TASKS:
         raise LossError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
@@ -542,7 +526,35 @@ def make_loss(spec: str, *, num_labels: int, pos_weight=None, focal_gamma: float
         _check_pos_weight(pos_weight, int(num_labels))
     elif "weighted_bce" in names:
         raise LossError("--loss=weighted_bce needs --pos_weight (auto, or one weight per label)")
+    return terms, names, pos_weight
 
+
+def make_loss(spec: str, *, num_labels: int, pos_weight=None, focal_gamma: float = 2.0,
+              focal_alpha: Optional[float] = 0.25, fbeta: float = 2.0,
+              label_smoothing: float = 0.0, fbeta_weight: float = 0.5,
+              task: str = "multilabel") -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
+    """Builds the loss named by spec: a callable (labels, logits) -> [B] float32.
+
+    spec is one name or a '+'-joined sum of optionally weighted names:
+    "bce", "weighted_bce", "focal", "fbeta", "cce", "sparse_cce", "ce",
+    "dice", "lovasz", "ce+lovasz", "0.5*ce+lovasz". Unweighted terms weigh 1,
+    except that exactly two unweighted terms one of which is fbeta (e.g.
+    "bce+fbeta") blend as (1 - fbeta_weight) * other + fbeta_weight * fbeta.
+
+    num_labels is the size of the logits' last axis (labels or classes) and
+    is checked when the loss is first called. pos_weight (a vector of
+    num_labels floats, see parse_pos_weight) is required by weighted_bce and
+    refused by every other spec. label_smoothing applies to the cross-entropy
+    terms (bce, weighted_bce, cce, sparse_cce, ce); the others see hard labels.
+    task picks the meaning of "focal" (sigmoid for multilabel, softmax for
+    multiclass) and which names are allowed.
+
+    Raises LossError with a one-line message naming the offending flag.
+    """
+    terms, names, pos_weight = _checked_terms(
+        spec, num_labels=num_labels, pos_weight=pos_weight, focal_gamma=focal_gamma,
+        focal_alpha=focal_alpha, fbeta=fbeta, label_smoothing=label_smoothing,
+        fbeta_weight=fbeta_weight, task=task)
     unweighted = [w is None for w, _ in terms]
     if len(terms) == 2 and all(unweighted) and "fbeta" in names:
         weights = [fbeta_weight if n == "fbeta" else 1.0 - fbeta_weight for n in names]

@@ -93,6 +93,10 @@ def _plateau_middle(scores: np.ndarray, tol: float = 1e-12) -> int:
 class MultiLabelEvaluator:
     """Streaming multi-label evaluation with F-beta, AUC and threshold search.
 
+    (~300 lines because every result -- F-beta at any threshold, the two
+    threshold searches, AUC -- is read off the same per-label histograms;
+    the searches are its longest methods and share their counting helpers.)
+
     Memory: per-label histograms of positive and negative probabilities on a
     grid of ``num_bins`` bins (O(L * bins)) give micro/macro F-beta at any
     grid threshold, the per-label threshold search and AUC. The per-sample

@@ -93,6 +93,11 @@ class DataSource:
     Built by open_data; ``_elements(split)`` yields the cheap undecoded
     elements in file order and ``_to_example`` turns one into
     (image bytes, multi-hot labels, 'where' string for messages).
+
+    Why one class of ~300 lines: the epoch order, the resume skip, the
+    decoded cache and the bad-record checks must all agree on the same
+    element indices, and subclasses (TFRecord, CSV, segmentation) override
+    only the hooks; split apart, each piece would need the others' indexing.
     """
 
     def __init__(self, *, label_names, source, description, num_train, num_val, label_prevalence,
