@@ -44,6 +44,7 @@ readable by other users (directories 0755, files 0644), for a serving user.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -301,8 +302,7 @@ def _save_atomically(module: ServingModule, target: str, label_names, thresholds
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     os.chmod(parent, 0o755)
-    scratch = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(target)}-")
-    try:
+    with atomic_directory(target) as scratch:
         tf.saved_model.save(module, scratch, signatures={
             SIGNATURE: module.serve, BYTES_SIGNATURE: module.serve_bytes,
             METADATA_SIGNATURE: module.metadata})
@@ -315,13 +315,25 @@ def _save_atomically(module: ServingModule, target: str, label_names, thresholds
                             objective=config.train.threshold_objective, weights=restored.weights,
                             metadata={"fbeta": config.loss.fbeta, "split": "val",
                                       "checkpoint": restored.path, "step": restored.step})
-        make_world_readable(scratch)
-        if os.path.exists(target):
-            shutil.rmtree(target)
-        os.replace(scratch, target)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str):
+    """A directory filled under a temporary name, then made readable by all and moved to path.
+
+    A reader (a server, a user) sees the old directory or the whole new one,
+    never a half-written one; a failure leaves the old one as it was.
+    """
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.")
+    try:
+        yield tmp
+        make_world_readable(tmp)
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
     finally:
-        if os.path.exists(scratch):
-            shutil.rmtree(scratch, ignore_errors=True)
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def probabilities_model(model, multiclass: bool):

@@ -47,7 +47,6 @@ import contextlib
 import csv
 import dataclasses
 import os
-import shutil
 import sys
 import tempfile
 from typing import Callable, List, Optional
@@ -60,7 +59,7 @@ from engine import distribute
 from engine.config import Config, ConfigError
 from engine.data import DataError, csv_source, tfrecord
 from engine.data.decode import decode_for_eval, error_line
-from engine.export import (METADATA_SIGNATURE, SIGNATURE, make_world_readable, open_run_data,
+from engine.export import (METADATA_SIGNATURE, SIGNATURE, atomic_directory, open_run_data,
                            pick_checkpoint, restore_serving_model, serving_thresholds)
 from engine.state import StateError
 from engine.steps import make_eval_batch, make_segmentation_eval_batch
@@ -377,7 +376,7 @@ def _writers(output: str, predictor: Predictor):
     with contextlib.ExitStack() as stack:
         rows = csv.writer(stack.enter_context(_atomic_file(output)), lineterminator="\n")
         if predictor.segmentation:
-            masks = stack.enter_context(_atomic_dir(_masks_dir(output)))
+            masks = stack.enter_context(atomic_directory(_masks_dir(output)))
             folder = os.path.basename(_masks_dir(output))
             rows.writerow(["image_name", "mask"])
             yield lambda images, ids: _write_masks(rows, masks, folder, images, ids)  # noqa: E731
@@ -417,18 +416,3 @@ def _atomic_file(path: str):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-@contextlib.contextmanager
-def _atomic_dir(path: str):
-    """A directory filled under a temporary name, then made readable and moved to path."""
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.")
-    try:
-        yield tmp
-        make_world_readable(tmp)
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)

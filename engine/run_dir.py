@@ -205,18 +205,9 @@ def lock_for_training(model_dir: str, shown: Optional[str] = None) -> RunDirLock
     path = os.path.join(model_dir, LOCK_FILE)
     os.makedirs(model_dir, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = _holder(fd)
-        os.close(fd)
-        raise RunDirError(f"--model_dir={shown or model_dir} is in use by {holder}; wait for it "
-                          f"to end or use another --model_dir") from None
-    except OSError as e:
-        os.close(fd)
-        if e.errno not in _CANNOT_LOCK:
-            raise
-        return RunDirLock(None, path, _unguarded(shown or model_dir, e))
+    unguarded = _flock(fd, fcntl.LOCK_EX, shown or model_dir, "or use another --model_dir")
+    if unguarded is not None:
+        return RunDirLock(None, path, unguarded)
     try:
         record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                              "started": _utc_now().strftime("%Y-%m-%dT%H:%M:%SZ")})
@@ -240,19 +231,30 @@ def lock_for_reading(model_dir: str, shown: Optional[str] = None) -> RunDirLock:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except (FileNotFoundError, NotADirectoryError):
         return RunDirLock(None, path)
+    unguarded = _flock(fd, fcntl.LOCK_SH, shown or model_dir,
+                       "(or evaluate a copy of its checkpoints/)")
+    if unguarded is not None:
+        return RunDirLock(None, path, unguarded)
+    return RunDirLock(fd, path)
+
+
+def _flock(fd: int, mode: int, shown: str, advice: str) -> Optional[str]:
+    """Takes the lock without waiting: None when held, a warning when the file system
+    cannot lock (the run goes on unguarded); RunDirError naming the holder when it is taken.
+    fd is closed unless the lock is held."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        return None
     except BlockingIOError:
         holder = _holder(fd)
         os.close(fd)
-        raise RunDirError(f"--model_dir={shown or model_dir} is in use by {holder}; wait for it "
-                          f"to end (or evaluate a copy of its checkpoints/)") from None
+        raise RunDirError(f"--model_dir={shown} is in use by {holder}; wait for it to end "
+                          f"{advice}") from None
     except OSError as e:
         os.close(fd)
         if e.errno not in _CANNOT_LOCK:
             raise
-        return RunDirLock(None, path, _unguarded(shown or model_dir, e))
-    return RunDirLock(fd, path)
+        return _unguarded(shown, e)
 
 
 def _unguarded(shown: str, e: OSError) -> str:
