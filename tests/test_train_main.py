@@ -84,8 +84,6 @@ def test_readme_flagfile_commands_evaluate_and_export_and_a_failed_run_keeps_fla
     for name in ("saved_model.pb", "labels.txt", "thresholds.json"):
         assert (run / "export" / "2" / name).exists(), name
     # A command that fails on this model_dir leaves its flags.txt alone.
-    failed = _run(f"--flagfile={run}/flags.txt", "--loss=foo", "--epochs=2")
-    assert failed.returncode == 2 and "--loss=foo" in failed.stderr.splitlines()[-1]
     changed = _run(f"--flagfile={run}/flags.txt", "--optimizer=momentum", "--epochs=2")
     assert changed.returncode == 2
     assert "--allow_changed=optimizer" in changed.stderr.splitlines()[-1]
