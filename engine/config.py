@@ -32,6 +32,9 @@ DEFAULT_INPUT_SIZE = {"inceptionv3": 75, "resnet50": 64, "mobilenetv2": 64,
 # --allow_changed: settings whose change on resume changes what the saved
 # state means (engine/manifest.py says what opting in does for each).
 ALLOWABLE_CHANGES = ("optimizer", "labels", "task", "input_size", "batch_size")
+# --calibrate_bn_steps=-1 (auto) with a random init: batches of --batch_size
+# (BUILD_NOTES.md, "BN calibration", has the measurement behind the number).
+AUTO_CALIBRATE_BN_STEPS = 32
 _UNFREEZE_LAYERS = re.compile(r"^(all|blocks:[1-9][0-9]*|regex:.+)$")
 
 
@@ -136,6 +139,15 @@ class TrainConfig:
     ema_decay: float = 0.0  # 0: off
     ema_warmup: bool = True
     eval_with_ema: bool = True
+    # BatchNorm statistics re-estimated once, at the start of a fresh run,
+    # from this many training batches (forward passes in training mode, no
+    # weight update; engine/calibration.py): -1 is auto (AUTO_CALIBRATE_BN_STEPS
+    # for a random init, 0 when --weights or --init_checkpoint load weights,
+    # whose statistics already fit them), 0 is off.
+    calibrate_bn_steps: int = -1
+    # Re-estimate the statistics for the EMA weights before their evaluation
+    # and export (averaged weights never ran with the averaged statistics).
+    ema_calibrate_bn: bool = False
     export_raw: bool = False  # --mode=export: the raw weights even when EMA is on
     # --mode=export: "best" (model_dir/best/, picked by --best_metric; the latest
     # when best/ is empty), "latest" (model_dir/checkpoints/) or a checkpoint prefix.
@@ -202,6 +214,19 @@ class Config:
                    for name, fields in groups.items()}
         return dataclasses.replace(self, **changes).validated()
 
+    def bn_calibration_steps(self) -> int:
+        """--calibrate_bn_steps resolved: auto (-1) calibrates a random init only."""
+        steps = self.train.calibrate_bn_steps
+        if steps >= 0:
+            return steps
+        loaded = self.model.weights is not None or self.train.init_checkpoint is not None
+        return 0 if loaded else AUTO_CALIBRATE_BN_STEPS
+
+    def ema_calibration_steps(self) -> int:
+        """Batches for --ema_calibrate_bn: --calibrate_bn_steps when > 0, else the auto number."""
+        steps = self.train.calibrate_bn_steps
+        return steps if steps > 0 else AUTO_CALIBRATE_BN_STEPS
+
     def validated(self) -> "Config":
         """Returns self, or raises ConfigError naming the first bad flag."""
         m, o, f, t = self.model, self.optimizer, self.freeze, self.train
@@ -235,6 +260,7 @@ class Config:
         _at_least("keep_checkpoints", t.keep_checkpoints, 1)
         _at_least("checkpoint_every_steps", t.checkpoint_every_steps, 0)
         _at_least("num_virtual_cpus", t.num_virtual_cpus, 0)
+        _at_least("calibrate_bn_steps", t.calibrate_bn_steps, -1)
         for flag in ("max_bad_steps", "max_rollbacks", "summary_every", "histogram_every",
                      "image_every", "early_stop_patience", "plateau_patience"):
             _at_least(flag, getattr(t, flag), 0)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from absl import flags
 
-from engine.config import (DEFAULT_INPUT_SIZE, Config, ConfigError, DataConfig, FreezeConfig, LossConfig, ModelConfig,
+from engine.config import (AUTO_CALIBRATE_BN_STEPS, DEFAULT_INPUT_SIZE, Config, ConfigError, DataConfig, FreezeConfig, LossConfig, ModelConfig,
                            OptimizerConfig, TrainConfig)
 from engine.config import BenchmarkConfig  # --mode=benchmark
 
@@ -80,6 +80,8 @@ flags.DEFINE_list("allow_changed", [], "On resume, accept a change of these sett
 flags.DEFINE_float("ema_decay", _d.train.ema_decay, "EMA decay of the weights (0: off).")
 flags.DEFINE_boolean("ema_warmup", _d.train.ema_warmup, "Decay grows as min(decay, (1+n)/(10+n)).")
 flags.DEFINE_boolean("eval_with_ema", _d.train.eval_with_ema, "Also evaluate the EMA weights.")
+flags.DEFINE_integer("calibrate_bn_steps", _d.train.calibrate_bn_steps, "Re-estimate every BatchNorm layer's moving statistics from this many training batches (forward passes in training mode, no weight update) once, at the start of a fresh run, before the first (frozen) phase; never on resume. -1: auto (%d for a random init, 0 when --weights or --init_checkpoint load weights); 0: off." % AUTO_CALIBRATE_BN_STEPS)
+flags.DEFINE_boolean("ema_calibrate_bn", _d.train.ema_calibrate_bn, "Re-estimate BatchNorm statistics for the EMA weights (over --calibrate_bn_steps batches, or the auto number when that is <= 0) before each EMA evaluation and before an EMA export; the raw weights and statistics come back exactly.")
 flags.DEFINE_boolean("export_raw", _d.train.export_raw, "--mode=export writes the raw weights, not the EMA ones.")
 flags.DEFINE_string("export_from", _d.train.export_from, "--mode=export: best (model_dir/best/, the checkpoint --best_metric picked; the latest, with a note, when best/ is empty), latest (the newest in model_dir/checkpoints/) or a checkpoint path prefix (e.g. runs/x/checkpoints/ckpt-120).")
 flags.DEFINE_string("threshold_objective", _d.train.threshold_objective, "What each label's decision threshold is searched to maximise on the validation split: per_label (each label's own F-beta, independently) or samples (the mean per-image F-beta, labels coupled; can leave a rare label never predicted).")
@@ -165,6 +167,7 @@ def config_from_flags(f=flags.FLAGS) -> Config:
             allow_partial_restore=f.allow_partial_restore,
             allow_changed=tuple(f.allow_changed), ema_decay=f.ema_decay,
             ema_warmup=f.ema_warmup, eval_with_ema=f.eval_with_ema, export_raw=f.export_raw,
+            calibrate_bn_steps=f.calibrate_bn_steps, ema_calibrate_bn=f.ema_calibrate_bn,
             export_from=f.export_from, threshold_objective=f.threshold_objective,
             mixed_precision=f.mixed_precision, jit_compile=f.jit_compile,
             max_bad_steps=f.max_bad_steps, max_rollbacks=f.max_rollbacks,

@@ -34,6 +34,7 @@ import numpy as np
 import tensorflow as tf
 
 from engine import distribute, freeze, manifest, precision
+from engine.calibration import BNCalibrator, describe as describe_calibration, training_batches
 from engine.callbacks import EpochCallbacks
 from engine.health import StepGuard, StepSummaries, TrainingDiverged, diagnose, first_non_finite, \
     largest_weight, make_state_check
@@ -105,6 +106,9 @@ class Trainer:
             self.loss_scale = (precision.DynamicLossScale()
                                if c.train.mixed_precision == "float16" else None)
             self.rollbacks = tf.Variable(0, name="rollbacks", **counter)
+            # 0: not yet (a fresh run), N > 0: BN statistics calibrated over N
+            # batches, -1: not calibrated (off, or a checkpoint from before).
+            self.bn_calibrated = tf.Variable(0, name="bn_calibrated", **counter)
             self.callbacks = EpochCallbacks(
                 metric=c.train.best_metric, mode=c.train.best_mode, lr_scale=self.lr_scale,
                 early_stop_patience=c.train.early_stop_patience,
@@ -119,6 +123,7 @@ class Trainer:
                                      "step_in_epoch": self.step_in_epoch,
                                      "unfrozen": self.unfrozen, "lr_scale": self.lr_scale,
                                      "best_metric": self.best, "rollbacks": self.rollbacks,
+                                     "bn_calibrated": self.bn_calibrated,
                                      **self.guard.state(), **self.callbacks.state(),
                                      **(self.loss_scale.state() if self.loss_scale else {})})
         self.checkpoint = self.state.checkpoint()
@@ -215,6 +220,46 @@ class Trainer:
             return "warm start: " + report
         return "fresh start"
 
+    def _calibrate_bn_once(self) -> None:
+        """BN statistics from the data before the first phase (--calibrate_bn_steps), once a run.
+
+        A random backbone's statistics (mean 0, variance 1) fit no real
+        activations, and a frozen phase runs BN in inference mode on them.
+        train/bn_calibrated is checkpoint state, so a resume never redoes it;
+        the EMA shadows then start from the calibrated statistics.
+        """
+        if int(self.bn_calibrated.numpy()) != 0:
+            return
+        steps = self.config.bn_calibration_steps()
+        if steps == 0:
+            self.bn_calibrated.assign(-1)
+            return
+        done, seconds = self._calibrate(steps)
+        self.bn_calibrated.assign(done if done else -1)
+        if self.ema is not None:
+            self.ema.reset()  # a fresh run: nothing averaged yet
+        why = ("--calibrate_bn_steps=auto: random init" if self.config.train.calibrate_bn_steps < 0
+               else f"--calibrate_bn_steps={steps}")
+        self.log.line(describe_calibration(len(self._calibrator().layers), done,
+                                           self.config.train.batch_size, seconds, why))
+
+    def _calibrator(self) -> BNCalibrator:
+        if getattr(self, "_bn_calibrator", None) is None:
+            self._bn_calibrator = BNCalibrator(self.model, strategy=self.strategy,
+                                               local_replicas=self.local_replicas)
+        return self._bn_calibrator
+
+    def _calibrate(self, steps: int):
+        """(batches run, seconds): the model's BN statistics from the first `steps` training batches."""
+        c = self.config
+        t0 = time.perf_counter()
+        batches = training_batches(
+            self.data, steps=steps, global_batch=c.train.batch_size // self.num_workers,
+            input_size=c.model.input_size, seed=c.train.seed, augment=c.data.augment,
+            num_shards=self.num_workers, shard_index=self.worker_index)
+        done = self._calibrator()(batches, steps)
+        return done, time.perf_counter() - t0
+
     def _check_settings(self):
         """Compares this resume's settings with the model_dir's manifest.
 
@@ -265,6 +310,8 @@ class Trainer:
         run never had.
         """
         lines = []
+        if "train/bn_calibrated" in report.missing:  # a run from before calibration existed
+            self.bn_calibrated.assign(-1)
         if fresh and any(k.startswith("model/head/logits/") for k in fresh):
             self._init_head_bias_to_prior()
             lines.append("the head's logits layer starts fresh (--allow_changed)")
@@ -330,6 +377,8 @@ class Trainer:
         os.makedirs(self.model_dir, exist_ok=True)
         self._remove_partial_saves()
         self.log.line(self.restore())
+        with self._naming_bad_records("train"):
+            self._calibrate_bn_once()
         if self.is_chief:
             manifest.write(self.model_dir, self.settings)
         if started is not None:
@@ -513,6 +562,8 @@ class Trainer:
             out = self.evaluation.run("val", save=self.is_chief)
             if self.ema is not None and self.config.train.eval_with_ema:
                 with self.ema.swapped():
+                    if self.config.train.ema_calibrate_bn:  # swapped() puts the raw ones back
+                        self._calibrate(self.config.ema_calibration_steps())
                     # its own thresholds (thresholds_ema.json): export serves the EMA weights
                     out.update(self.evaluation.run("val_ema", save=self.is_chief, weights="ema"))
         return out
