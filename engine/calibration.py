@@ -143,7 +143,8 @@ class BNCalibrator:
                 size = tf.shape(images)[0] // local
                 images = images[index * size:(index + 1) * size]
             model(images, training=True)
-            return [tf.identity(v.value if hasattr(v, "value") else v) for v in statistics]
+            return [tf.identity(v.value if isinstance(v, keras.Variable) else v)
+                    for v in statistics]
 
         @tf.function
         def forward(images):

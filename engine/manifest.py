@@ -47,6 +47,8 @@ NOTES = {
     "seed": "the rest of this epoch is drawn in another order (some examples may repeat)",
     "steps_per_epoch": "the schedule's length changes with it",
     "epochs": "the schedule's length changes with it",
+    "calibrate_bn_steps": ("no effect on resume: BN statistics are calibrated once, at the "
+                           "start of a fresh run (train/bn_calibrated)"),
 }
 
 
@@ -69,7 +71,8 @@ def describe(config: Config, *, label_names: Sequence[str], replicas: int,
         loss=lo.loss, pos_weight=lo.pos_weight, ema_decay=t.ema_decay,
         mixed_precision=t.mixed_precision, strategy=t.strategy, replicas=replicas,
         workers=workers, batch_size=t.batch_size, steps_per_epoch=t.steps_per_epoch,
-        epochs=t.epochs, seed=t.seed, data_dir=config.data.data_dir)
+        epochs=t.epochs, seed=t.seed, data_dir=config.data.data_dir,
+        calibrate_bn_steps=t.calibrate_bn_steps)
     return out
 
 

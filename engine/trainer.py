@@ -150,6 +150,7 @@ class Trainer:
                                  if c.model.task == "segmentation" else c.model.backbone)
         self.thawed = freeze.thawed_layer_names(blocks, c.freeze.unfreeze_layers)
         self.phase: Optional[str] = None
+        self._bn_calibrator: Optional[BNCalibrator] = None
         self.train_loop = None
         self.phase_traces: Dict[str, dict] = {}  # phase -> {"count": traces}
         self.summaries = StepSummaries(
@@ -244,7 +245,8 @@ class Trainer:
                                            self.config.train.batch_size, seconds, why))
 
     def _calibrator(self) -> BNCalibrator:
-        if getattr(self, "_bn_calibrator", None) is None:
+        """Built on first use (its forward pass is traced once, then reused by every EMA eval)."""
+        if self._bn_calibrator is None:
             self._bn_calibrator = BNCalibrator(self.model, strategy=self.strategy,
                                                local_replicas=self.local_replicas)
         return self._bn_calibrator

@@ -27,6 +27,13 @@ def test_harmless_changes_are_listed_and_accepted():
     assert any(l.startswith("  --seed: 0 -> 3 (the rest of this epoch") for l in lines)
 
 
+def test_a_changed_calibration_is_listed_as_without_effect_on_resume():
+    lines, allowed = manifest.check(_settings(), _settings(calibrate_bn_steps=0),
+                                    allow_changed=(), model_dir="m")
+    assert allowed == []
+    assert lines[1].startswith("  --calibrate_bn_steps: -1 -> 0 (no effect on resume: BN ")
+
+
 @pytest.mark.parametrize("flag,old,new", [("optimizer", "adam", "sgd"),
                                           ("labels", ["a", "b"], ["b", "a"]),
                                           ("input_size", 32, 48), ("batch_size", 32, 16)])
