@@ -91,6 +91,9 @@ class OptimizerConfig:
     lr_step_epochs: Tuple[int, ...] = ()
     lr_step_factor: float = 0.1
     backbone_lr_multiplier: float = 1.0
+    # With --unfreeze_at, warmup and decay (constant or cosine) run once per
+    # phase, so fine-tuning starts again from the peak (engine/optimizer.py).
+    schedule_per_phase: bool = True
     global_clipnorm: float = 0.0  # 0: off
     # Also applied to the replica-summed gradients, in the order
     # clipvalue -> clipnorm (per variable) -> global_clipnorm; 0: off.

@@ -47,8 +47,43 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
         return {"warmup_steps": self.warmup_steps}
 
 
-def make_schedule(cfg: OptimizerConfig, steps_per_epoch: int, epochs: int):
-    """The run's learning rate as a function of the global step."""
+def make_schedule(cfg: OptimizerConfig, steps_per_epoch: int, epochs: int,
+                  unfreeze_at: int = 0):
+    """The run's learning rate as a function of the global step.
+
+    unfreeze_at: the first unfrozen epoch. With cfg.schedule_per_phase,
+    0 < unfreeze_at < epochs and a constant or cosine schedule, warmup and
+    decay run once per phase (the frozen head's epochs, then the fine-tuning
+    epochs) instead of once over the run: one cosine over the run leaves
+    fine-tuning only its tail (10 epochs unfrozen at 5: 5e-4 down to 0 for a
+    peak of 1e-3), too little for a backbone that starts from random weights
+    (BUILD_NOTES.md, "The README run's recipe"). The step schedule's
+    --lr_step_epochs count epochs of the run, so it stays one schedule.
+    """
+    if cfg.schedule_per_phase and 0 < unfreeze_at < epochs and cfg.schedule != "step":
+        return _Phases(_one_schedule(cfg, steps_per_epoch, unfreeze_at),
+                       _one_schedule(cfg, steps_per_epoch, epochs - unfreeze_at),
+                       unfreeze_at * steps_per_epoch)
+    return _one_schedule(cfg, steps_per_epoch, epochs)
+
+
+class _Phases(keras.optimizers.schedules.LearningRateSchedule):
+    """first(step) before `boundary`, second(step - boundary) from it on."""
+
+    def __init__(self, first, second, boundary: int):
+        self.first, self.second, self.boundary = first, second, int(boundary)
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        return tf.where(step < self.boundary, self.first(step),
+                        self.second(tf.maximum(step - self.boundary, 0.0)))
+
+    def get_config(self):
+        return {"boundary": self.boundary}
+
+
+def _one_schedule(cfg: OptimizerConfig, steps_per_epoch: int, epochs: int):
+    """Warmup, then constant, cosine or step decay over `epochs`."""
     total = max(1, steps_per_epoch * epochs)
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     if cfg.schedule == "constant":

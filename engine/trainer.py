@@ -96,7 +96,8 @@ class Trainer:
             self.lr_scale = tf.Variable(1.0, name="lr_scale", trainable=False,
                                         aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
             self.best = tf.Variable(np.nan, name="best_metric", trainable=False, dtype=tf.float64)
-            self.schedule = make_schedule(c.optimizer, self.steps_per_epoch, c.train.epochs)
+            self.schedule = make_schedule(c.optimizer, self.steps_per_epoch, c.train.epochs,
+                                          unfreeze_at=c.freeze.unfreeze_at)
             self.groups = make_param_groups(
                 c.optimizer, freeze.trainable_in_every_phase(self.model), self.keys,
                 self.schedule, self.global_step, self.lr_scale)

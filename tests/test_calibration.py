@@ -10,6 +10,7 @@ from engine import calibration
 from engine.calibration import BNCalibrator, batchnorm_layers
 from engine.config import AUTO_CALIBRATE_BN_STEPS, Config, DataConfig, FreezeConfig, ModelConfig, \
     OptimizerConfig, TrainConfig
+from engine.state import TrainingState
 from engine.trainer import Trainer
 from models import build_model
 from models.backbones import set_synchronized_bn
@@ -162,6 +163,27 @@ def test_trainer_calibrates_once_before_the_frozen_phase_and_a_resume_skips_it(
     again.train()
     assert "BN calibration" not in capsys.readouterr().out
     assert int(again.bn_calibrated.numpy()) == 3
+
+
+def test_a_checkpoint_from_before_calibration_existed_is_resumed_without_it(
+        tmp_path, embedded_cache, monkeypatch):
+    first = Trainer(_config(tmp_path, embedded_cache, calibrate_bn_steps=0))
+    first.train()
+    old = TrainingState()  # the same state without train/bn_calibrated, saved as the newest
+    for key in first.state.keys:
+        if key != "train/bn_calibrated":
+            old.add(key, first.state[key])
+    first.global_step.assign_add(1)
+    tf.train.CheckpointManager(old.checkpoint(), os.path.join(first.model_dir, "checkpoints"),
+                               max_to_keep=5).save(checkpoint_number=int(first.global_step.numpy()))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("calibration ran on resume")
+
+    monkeypatch.setattr(BNCalibrator, "__call__", refuse)
+    again = Trainer(_config(tmp_path, embedded_cache, epochs=2))
+    again.train()
+    assert int(again.bn_calibrated.numpy()) == -1
 
 
 def test_zero_steps_leave_the_statistics_and_record_it(tmp_path, embedded_cache):
