@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from engine import calibration
+from engine import calibration, distribute
 from engine.calibration import BNCalibrator, batchnorm_layers
 from engine.config import AUTO_CALIBRATE_BN_STEPS, Config, DataConfig, FreezeConfig, ModelConfig, \
     OptimizerConfig, TrainConfig
@@ -100,7 +100,7 @@ def test_two_replicas_with_sync_bn_equal_one_device():
     batches = [(x, tf.zeros([8, 13])) for x in images]
     one = build_model("tiny_cnn", 16, 13, seed=0)
     BNCalibrator(one)(iter(batches), steps=3)
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = distribute.mirrored_strategy(["/cpu:0", "/cpu:1"])  # fresh collective keys
     with strategy.scope():
         two = build_model("tiny_cnn", 16, 13, seed=0)
         set_synchronized_bn(two)
