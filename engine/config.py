@@ -91,9 +91,9 @@ class OptimizerConfig:
     lr_step_epochs: Tuple[int, ...] = ()
     lr_step_factor: float = 0.1
     backbone_lr_multiplier: float = 1.0
-    # With --unfreeze_at, warmup and decay (constant or cosine) run once per
-    # phase, so fine-tuning starts again from the peak (engine/optimizer.py).
-    schedule_per_phase: bool = True
+    # With --unfreeze_at, the schedule (warmup, constant or cosine decay)
+    # starts again from the peak when the backbone thaws (engine/optimizer.py).
+    restart_at_unfreeze: bool = True
     global_clipnorm: float = 0.0  # 0: off
     # Also applied to the replica-summed gradients, in the order
     # clipvalue -> clipnorm (per variable) -> global_clipnorm; 0: off.
@@ -122,7 +122,9 @@ class LossConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     model_dir: str = "runs/default"
-    epochs: int = 10
+    # The README run (--unfreeze_at=5): 5 frozen epochs, then 7 of fine-tuning,
+    # which a random-init backbone needs (BUILD_NOTES.md, "The README run's recipe").
+    epochs: int = 12
     batch_size: int = 32  # global, over all replicas and workers
     steps_per_epoch: int = 0  # 0: the whole training split
     steps_per_loop: int = 10

@@ -40,7 +40,7 @@ flags.DEFINE_string("lr_schedule", _d.optimizer.schedule, "constant, cosine or s
 flags.DEFINE_float("warmup_epochs", _d.optimizer.warmup_epochs, "Linear warmup length in epochs.")
 flags.DEFINE_list("lr_step_epochs", [], "Epochs at which --lr_schedule=step multiplies by --lr_step_factor.")
 flags.DEFINE_float("lr_step_factor", _d.optimizer.lr_step_factor, "Factor of each step of the step schedule.")
-flags.DEFINE_boolean("lr_schedule_per_phase", _d.optimizer.schedule_per_phase, "With --unfreeze_at, warmup and decay (constant or cosine) run once per phase: the frozen epochs, then the fine-tuning epochs from the peak again (--nolr_schedule_per_phase: one schedule over the run; the step schedule is always one).")
+flags.DEFINE_boolean("lr_restart_at_unfreeze", _d.optimizer.restart_at_unfreeze, "With --unfreeze_at, the frozen epochs follow the run-long schedule and fine-tuning starts it again from the peak (warmup included) over the epochs left; --nolr_restart_at_unfreeze: one schedule over the run (the step schedule never restarts).")
 flags.DEFINE_float("backbone_lr_multiplier", _d.optimizer.backbone_lr_multiplier, "Backbone LR = LR x this, after unfreezing.")
 flags.DEFINE_float("global_clipnorm", _d.optimizer.global_clipnorm, "Clip the replica-summed gradient to this global norm (0: off).")
 flags.DEFINE_float("clipnorm", _d.optimizer.clipnorm, "Clip each variable's replica-summed gradient to this norm (0: off).")
@@ -151,7 +151,7 @@ def config_from_flags(f=flags.FLAGS) -> Config:
             weight_decay=f.weight_decay, schedule=f.lr_schedule, warmup_epochs=f.warmup_epochs,
             lr_step_epochs=_int_list("lr_step_epochs", f.lr_step_epochs),
             lr_step_factor=f.lr_step_factor, backbone_lr_multiplier=f.backbone_lr_multiplier,
-            schedule_per_phase=f.lr_schedule_per_phase,
+            restart_at_unfreeze=f.lr_restart_at_unfreeze,
             global_clipnorm=f.global_clipnorm, clipnorm=f.clipnorm, clipvalue=f.clipvalue),
         freeze=FreezeConfig(unfreeze_at=f.unfreeze_at, unfreeze_layers=f.unfreeze_layers,
                             freeze_bn=f.freeze_bn),

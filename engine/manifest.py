@@ -72,7 +72,7 @@ def describe(config: Config, *, label_names: Sequence[str], replicas: int,
         mixed_precision=t.mixed_precision, strategy=t.strategy, replicas=replicas,
         workers=workers, batch_size=t.batch_size, steps_per_epoch=t.steps_per_epoch,
         epochs=t.epochs, seed=t.seed, data_dir=config.data.data_dir,
-        calibrate_bn_steps=t.calibrate_bn_steps, lr_schedule_per_phase=o.schedule_per_phase)
+        calibrate_bn_steps=t.calibrate_bn_steps, lr_restart_at_unfreeze=o.restart_at_unfreeze)
     return out
 
 

@@ -51,23 +51,25 @@ def make_schedule(cfg: OptimizerConfig, steps_per_epoch: int, epochs: int,
                   unfreeze_at: int = 0):
     """The run's learning rate as a function of the global step.
 
-    unfreeze_at: the first unfrozen epoch. With cfg.schedule_per_phase,
-    0 < unfreeze_at < epochs and a constant or cosine schedule, warmup and
-    decay run once per phase (the frozen head's epochs, then the fine-tuning
-    epochs) instead of once over the run: one cosine over the run leaves
-    fine-tuning only its tail (10 epochs unfrozen at 5: 5e-4 down to 0 for a
-    peak of 1e-3), too little for a backbone that starts from random weights
-    (BUILD_NOTES.md, "The README run's recipe"). The step schedule's
-    --lr_step_epochs count epochs of the run, so it stays one schedule.
+    unfreeze_at: the first unfrozen epoch. With cfg.restart_at_unfreeze,
+    0 < unfreeze_at < epochs and a constant or cosine schedule, the frozen
+    epochs follow the run-long schedule and fine-tuning starts it again from
+    the peak (warmup included) over the epochs left (a warm restart). One
+    schedule over the run leaves fine-tuning only its tail (12 epochs
+    unfrozen at 5: 6e-4 down to 0 for a peak of 1e-3), too little for a
+    backbone that starts from random weights; two complete schedules would
+    anneal the head to 0 before it is needed again, which cost the frozen
+    phase 0.016 val AUC (BUILD_NOTES.md, "The README run's recipe"). The
+    step schedule's --lr_step_epochs count epochs of the run: no restart.
     """
-    if cfg.schedule_per_phase and 0 < unfreeze_at < epochs and cfg.schedule != "step":
-        return _Phases(_one_schedule(cfg, steps_per_epoch, unfreeze_at),
-                       _one_schedule(cfg, steps_per_epoch, epochs - unfreeze_at),
-                       unfreeze_at * steps_per_epoch)
+    if cfg.restart_at_unfreeze and 0 < unfreeze_at < epochs and cfg.schedule != "step":
+        return _Restarted(_one_schedule(cfg, steps_per_epoch, epochs),
+                          _one_schedule(cfg, steps_per_epoch, epochs - unfreeze_at),
+                          unfreeze_at * steps_per_epoch)
     return _one_schedule(cfg, steps_per_epoch, epochs)
 
 
-class _Phases(keras.optimizers.schedules.LearningRateSchedule):
+class _Restarted(keras.optimizers.schedules.LearningRateSchedule):
     """first(step) before `boundary`, second(step - boundary) from it on."""
 
     def __init__(self, first, second, boundary: int):
