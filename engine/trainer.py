@@ -310,7 +310,8 @@ class Trainer:
 
         A shadow keeps its construction value otherwise (EMA turned on for a
         resumed run, or a head that starts fresh): an average of weights the
-        run never had.
+        run never had. A checkpoint without train/bn_calibrated (written before
+        calibration existed) counts as not calibrated, so it is never done mid-run.
         """
         lines = []
         if "train/bn_calibrated" in report.missing:  # a run from before calibration existed
