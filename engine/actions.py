@@ -11,6 +11,8 @@ controller (engine/controller.py) at fixed points, as Orbit's actions are:
   a one-line diagnosis when --max_rollbacks are used up.
 * LossBound: a finite but absurd loss is divergence too (--max_loss_ratio).
 * StopVote: SIGTERM/SIGINT on any worker stops every worker at the same step.
+* BNCalibration: BatchNorm statistics measured on the data once a fresh run
+  starts (and for the EMA weights, with --ema_calibrate_bn).
 
 `Diverging` is what the controller raises inside an epoch to hand the
 situation to Rollback.
@@ -19,12 +21,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import tensorflow as tf
 
 from engine import run_dir
+from engine.calibration import BNCalibrator, describe as describe_calibration, training_batches
 from engine.health import TrainingDiverged, diagnose, first_non_finite, largest_weight, \
     make_state_check
 from engine.state import checkpoint_is_readable, existing_checkpoints
@@ -282,3 +286,54 @@ class StopVote:
             self._vote = vote
         anyone = float(self._vote(tf.constant(1.0 if mine else 0.0))) > 0
         return mine or ("a stop request on another worker" if anyone else None)
+
+
+class BNCalibration:
+    """BatchNorm statistics from the data (engine/calibration.py), once a run and for EMA.
+
+    A random backbone's statistics (mean 0, variance 1) fit no real
+    activations, and a frozen phase runs BN in inference mode on them.
+    train/bn_calibrated is checkpoint state, so a resume never redoes it;
+    the EMA shadows then start from the calibrated statistics.
+    """
+
+    def __init__(self, parts):
+        self.parts = parts
+        self._calibrator = None  # built on first use: its forward pass is traced once
+
+    def once(self) -> Optional[str]:
+        """Calibrates a fresh run before its first phase; returns the log line (None: nothing)."""
+        p = self.parts
+        if int(p.bn_calibrated.numpy()) != 0:
+            return None
+        steps = p.config.bn_calibration_steps()
+        if steps == 0:
+            p.bn_calibrated.assign(-1)
+            return None
+        done, seconds = self.calibrate(steps)
+        p.bn_calibrated.assign(done if done else -1)
+        if p.ema is not None:
+            p.ema.reset()  # a fresh run: nothing averaged yet
+        why = ("--calibrate_bn_steps=auto: random init" if p.config.train.calibrate_bn_steps < 0
+               else f"--calibrate_bn_steps={steps}")
+        return describe_calibration(len(self._model_calibrator().layers), done,
+                                    p.config.train.batch_size, seconds, why)
+
+    def _model_calibrator(self) -> BNCalibrator:
+        if self._calibrator is None:
+            p = self.parts
+            self._calibrator = BNCalibrator(p.model, strategy=p.strategy,
+                                            local_replicas=p.local_replicas)
+        return self._calibrator
+
+    def calibrate(self, steps: int):
+        """(batches run, seconds): the model's BN statistics from the first `steps` training
+        batches of epoch 0 (the same batches every time, so EMA evaluations compare)."""
+        p, c = self.parts, self.parts.config
+        t0 = time.perf_counter()
+        batches = training_batches(
+            p.data, steps=steps, global_batch=c.train.batch_size // p.num_workers,
+            input_size=c.model.input_size, seed=c.train.seed, augment=c.data.augment,
+            num_shards=p.num_workers, shard_index=p.worker_index)
+        done = self._model_calibrator()(batches, steps)
+        return done, time.perf_counter() - t0

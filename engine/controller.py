@@ -31,7 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from engine import freeze, manifest, run_dir
-from engine.actions import Checkpointer, Diverging, LossBound, Rollback, StopVote
+from engine.actions import BNCalibration, Checkpointer, Diverging, LossBound, Rollback, StopVote
 from engine.metrics import NonFiniteOutputs
 from engine.preemption import Preempted, stopped_before_training
 from engine.restore import restore_run
@@ -52,6 +52,7 @@ class Controller:
         self.rollback = Rollback(parts, self.checkpointer)
         self.loss_bound = LossBound(parts.config.train.max_loss_ratio)
         self.stop_vote = StopVote(parts)
+        self.bn_calibration = BNCalibration(parts)
         self.phase: Optional[str] = None
         self.train_loop = None  # the traced loop of the current phase
         self.phase_traces: Dict[str, dict] = {}  # phase -> {"count": traces}
@@ -104,6 +105,10 @@ class Controller:
         os.makedirs(p.model_dir, exist_ok=True)
         self.checkpointer.prepare()
         self.log.line(self.restore(starting=True))
+        with self._naming_bad_records("train"):
+            line = self.bn_calibration.once()
+        if line:
+            self.log.line(line)
         if p.is_chief:
             manifest.write(p.model_dir, p.settings)
             if flags_text is not None:
@@ -346,7 +351,9 @@ class Controller:
         with self._naming_bad_records("val"):
             out = self.evaluation.run("val", save=save and self.is_chief)
             if self.ema is not None and self.config.train.eval_with_ema:
-                with self.ema.swapped():
+                with self.ema.swapped():  # puts the raw weights and statistics back exactly
+                    if self.config.train.ema_calibrate_bn:
+                        self.bn_calibration.calibrate(self.config.ema_calibration_steps())
                     # its own thresholds (thresholds_ema.json): export serves the EMA weights
                     out.update(self.evaluation.run("val_ema", save=save and self.is_chief,
                                                    weights="ema"))

@@ -55,6 +55,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from engine.calibration import BNCalibrator, training_batches
 from engine.config import Config
 from engine.data import open_data
 from engine.data.decode import decode_for_eval
@@ -151,6 +152,8 @@ def export_saved_model(config: Config) -> str:
     checkpoint = pick_checkpoint(model_dir, c.train.export_from)  # before the data: fails fast
     data = open_run_data(c)
     model, restored = restore_serving_model(c, data.num_labels, checkpoint)
+    if restored.weights == "ema" and c.train.ema_calibrate_bn:
+        restored.notes += _calibrate_ema_statistics(model, data, c)
     multiclass = c.model.task in ("multiclass", "segmentation")
     thresholds, scores = serving_thresholds(model, data, c)
     size = c.model.input_size
@@ -211,6 +214,22 @@ def serving_thresholds(model, data, c: Config):
                         f"--threshold_objective={c.train.threshold_objective}: val F{b} "
                         f"samples {metrics[f'f{b}_samples']:.4f}, macro "
                         f"{metrics[f'f{b}_macro']:.4f}")
+
+
+def _calibrate_ema_statistics(model, data, c: Config) -> str:
+    """--ema_calibrate_bn: the EMA weights get BN statistics measured with them.
+
+    Averaged weights and averaged statistics do not belong together; the
+    exported model is the one the EMA evaluation with --ema_calibrate_bn
+    measured (same training batches: the first N of epoch 0).
+    """
+    steps = c.ema_calibration_steps()
+    batches = training_batches(data, steps=steps, global_batch=c.train.batch_size,
+                               input_size=c.model.input_size, seed=c.train.seed,
+                               augment=c.data.augment)
+    done = BNCalibrator(model)(batches, steps)
+    return (f"; BN statistics re-estimated for the EMA weights over {done} training batches "
+            f"(--ema_calibrate_bn)")
 
 
 def pick_checkpoint(model_dir: str, export_from: str) -> Tuple[str, str]:

@@ -58,10 +58,13 @@ NOTES = {
     "unfreeze_schedule": ("the phases follow the new schedule from this epoch on; if the "
                           "backbone's optimizer goes from one group to one per block or back, "
                           "their slots start fresh"),
+    "calibrate_bn_steps": ("no effect on resume: BN statistics are calibrated once, at the "
+                           "start of a fresh run (train/bn_calibrated)"),
 }
 # Settings recorded since FORMAT 1 was first written, with the value a run
 # that did not record them had: an older manifest then does not differ.
-ADDED = {"layer_lr_decay": 1.0, "unfreeze_schedule": ""}
+ADDED = {"layer_lr_decay": 1.0, "unfreeze_schedule": "", "calibrate_bn_steps": 0,
+         "lr_restart_at_unfreeze": False}
 
 
 def describe(config: Config, *, label_names: Sequence[str], replicas: int,
@@ -85,7 +88,8 @@ def describe(config: Config, *, label_names: Sequence[str], replicas: int,
         loss=lo.loss, pos_weight=lo.pos_weight, ema_decay=t.ema_decay,
         mixed_precision=t.mixed_precision, strategy=t.strategy, replicas=replicas,
         workers=workers, batch_size=t.batch_size, steps_per_epoch=t.steps_per_epoch,
-        epochs=t.epochs, seed=t.seed, data_dir=config.data.data_dir)
+        epochs=t.epochs, seed=t.seed, data_dir=config.data.data_dir,
+        calibrate_bn_steps=t.calibrate_bn_steps, lr_restart_at_unfreeze=o.restart_at_unfreeze)
     return out
 
 

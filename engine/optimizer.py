@@ -53,8 +53,45 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
         return {"warmup_steps": self.warmup_steps}
 
 
-def make_schedule(cfg: OptimizerConfig, steps_per_epoch: int, epochs: int):
-    """The run's learning rate as a function of the global step."""
+def make_schedule(cfg: OptimizerConfig, steps_per_epoch: int, epochs: int,
+                  unfreeze_at: int = 0):
+    """The run's learning rate as a function of the global step.
+
+    unfreeze_at: the first unfrozen epoch. With cfg.restart_at_unfreeze,
+    0 < unfreeze_at < epochs and a constant or cosine schedule, the frozen
+    epochs follow the run-long schedule and fine-tuning starts it again from
+    the peak (warmup included) over the epochs left (a warm restart). One
+    schedule over the run leaves fine-tuning only its tail (12 epochs
+    unfrozen at 5: 6e-4 down to 0 for a peak of 1e-3), too little for a
+    backbone that starts from random weights; two complete schedules would
+    anneal the head to 0 before it is needed again, which cost the frozen
+    phase 0.016 val AUC (BUILD_NOTES.md, "The README run's recipe"). The
+    step schedule's --lr_step_epochs count epochs of the run: no restart.
+    """
+    if cfg.restart_at_unfreeze and 0 < unfreeze_at < epochs and cfg.schedule != "step":
+        return _Restarted(_one_schedule(cfg, steps_per_epoch, epochs),
+                          _one_schedule(cfg, steps_per_epoch, epochs - unfreeze_at),
+                          unfreeze_at * steps_per_epoch)
+    return _one_schedule(cfg, steps_per_epoch, epochs)
+
+
+class _Restarted(keras.optimizers.schedules.LearningRateSchedule):
+    """first(step) before `boundary`, second(step - boundary) from it on."""
+
+    def __init__(self, first, second, boundary: int):
+        self.first, self.second, self.boundary = first, second, int(boundary)
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        return tf.where(step < self.boundary, self.first(step),
+                        self.second(tf.maximum(step - self.boundary, 0.0)))
+
+    def get_config(self):
+        return {"boundary": self.boundary}
+
+
+def _one_schedule(cfg: OptimizerConfig, steps_per_epoch: int, epochs: int):
+    """Warmup, then constant, cosine or step decay over `epochs`."""
     total = max(1, steps_per_epoch * epochs)
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     if cfg.schedule == "constant":

@@ -50,11 +50,15 @@ class Counters:
         self.lr_scale = tf.Variable(1.0, name="lr_scale", trainable=False,
                                     aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
         self.best = tf.Variable(np.nan, name="best_metric", trainable=False, dtype=tf.float64)
+        # 0: not yet (a fresh run), N > 0: BN statistics calibrated over N
+        # batches, -1: not calibrated (off, or a checkpoint from before).
+        self.bn_calibrated = tf.Variable(0, name="bn_calibrated", **counter)
 
     def state(self) -> Dict[str, tf.Variable]:
         return {"global_step": self.global_step, "epoch": self.epoch,
                 "step_in_epoch": self.step_in_epoch, "unfrozen": self.unfrozen,
-                "lr_scale": self.lr_scale, "best_metric": self.best, "rollbacks": self.rollbacks}
+                "lr_scale": self.lr_scale, "best_metric": self.best, "rollbacks": self.rollbacks,
+                "bn_calibrated": self.bn_calibrated}
 
 
 class RunParts:
@@ -141,7 +145,8 @@ def _build_training(parts: RunParts) -> None:
     """Counters, schedule, optimizer groups, EMA, the step guard, loss scale, callbacks."""
     c = parts.config
     parts.counters = Counters()
-    parts.schedule = make_schedule(c.optimizer, parts.steps_per_epoch, c.train.epochs)
+    parts.schedule = make_schedule(c.optimizer, parts.steps_per_epoch, c.train.epochs,
+                                   unfreeze_at=c.freeze.unfreeze_at)
     # One optimizer per backbone block when blocks need their own learning
     # rate (--layer_lr_decay) or their own Adam step count (several thaws).
     per_block = (parts.blocks if freeze.per_block_groups(parts.phases, c.optimizer.layer_lr_decay)

@@ -49,7 +49,7 @@ def _candidates(t):
         return [("bogus",), (3, 2), (2, 2)]
     if origin is typing.Union:
         return []
-    return {bool: [], str: ["bogus", "", " "], int: [-1, 0],
+    return {bool: [], str: ["bogus", "", " "], int: [-2, -1, 0],
             float: [-1.0, 0.0, 1.0, 2.0, float("inf"), float("nan")]}[t]
 
 

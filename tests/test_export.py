@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from engine.calibration import BNCalibrator, training_batches
 from engine.config import Config, DataConfig, ModelConfig, TrainConfig
 from engine.export import export_saved_model
 from engine.metrics import read_thresholds
@@ -136,6 +137,22 @@ def test_export_from_latest_and_from_a_path(run):
     assert line.startswith(f"exported EMA weights of step 5 from {older} (--export_from) to ")
     with pytest.raises(StateError, match=r"^--export_from=.*ckpt-7 is not a readable checkpoint"):
         export_saved_model(config.replace(train={"export_from": older[:-1] + "7"}))
+
+
+def test_ema_calibrate_bn_exports_statistics_measured_with_the_ema_weights(run):
+    config, trainer = run
+    line = export_saved_model(config.replace(train={"ema_calibrate_bn": True,
+                                                     "calibrate_bn_steps": 2}))
+    assert "BN statistics re-estimated for the EMA weights over 2 training batches" in line
+    best = _checkpoint(trainer, "best/ckpt-5")
+    uncalibrated, _ = _as_of(trainer, best, ema=True)
+    with trainer.ema.swapped():
+        BNCalibrator(trainer.model)(training_batches(
+            trainer.data, steps=2, global_batch=16, input_size=SIZE, seed=0, augment=True), 2)
+        want = _sigmoid(trainer.model(_images(), training=False).numpy())
+    served = _serve(_exported_dir(line), _images())["probabilities"].numpy()
+    np.testing.assert_allclose(served, want, rtol=0, atol=1e-5)
+    assert np.abs(served - uncalibrated).max() > 1e-3
 
 
 def test_export_raw_serves_the_raw_weights_and_thresholds(run):

@@ -264,8 +264,9 @@ def test_histogram_buckets_match_tensorboard_format():
 
 # ------------------------------------------------------ the trainer's story
 def _config(tmp_path, cache, optimizer=None, **train):
+    # No BN calibration: it would read the poisoned batches these tests plant.
     t = dict(model_dir=str(tmp_path / "run"), epochs=1, batch_size=16, steps_per_epoch=8,
-             steps_per_loop=2, progress=False, summary_every=0)
+             steps_per_loop=2, progress=False, summary_every=0, calibrate_bn_steps=0)
     t.update(train)
     return Config(model=ModelConfig(backbone="tiny_cnn", input_size=32),
                   data=DataConfig(cache_dir=cache, augment=False),

@@ -22,9 +22,16 @@ def test_harmless_changes_are_listed_and_accepted():
                                     allow_changed=(), model_dir="m")
     assert allowed == []
     assert lines[0] == "settings changed since m/manifest.json was written:"
-    assert "  --epochs: 10 -> 20 (the schedule's length changes with it)" in lines
+    assert "  --epochs: 12 -> 20 (the schedule's length changes with it)" in lines
     assert "  --learning_rate: 0.001 -> 0.1" in lines
     assert any(l.startswith("  --seed: 0 -> 3 (the rest of this epoch") for l in lines)
+
+
+def test_a_changed_calibration_is_listed_as_without_effect_on_resume():
+    lines, allowed = manifest.check(_settings(), _settings(calibrate_bn_steps=0),
+                                    allow_changed=(), model_dir="m")
+    assert allowed == []
+    assert lines[1].startswith("  --calibrate_bn_steps: -1 -> 0 (no effect on resume: BN ")
 
 
 @pytest.mark.parametrize("flag,old,new", [("optimizer", "adam", "sgd"),

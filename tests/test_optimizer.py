@@ -22,6 +22,25 @@ def test_cosine_with_warmup_matches_hand_computation():
         assert math.isclose(float(sched(step)), expected, rel_tol=1e-4), step
 
 
+def test_the_schedule_restarts_with_its_warmup_when_the_backbone_thaws():
+    cfg = OptimizerConfig(learning_rate=0.1, schedule="cosine", warmup_epochs=1)
+    sched = make_schedule(cfg, steps_per_epoch=10, epochs=5, unfreeze_at=2)
+    for step in (0, 9, 15, 19, 20, 25, 29, 30, 40, 49):
+        start, length = (0, 50) if step < 20 else (20, 30)  # the run's schedule, then a restart
+        t = step - start
+        expected = 0.1 * 0.5 * (1 + math.cos(math.pi * max(t - 10, 0) / (length - 10))) * \
+            min(1.0, (t + 1) / 10)
+        assert math.isclose(float(sched(step)), expected, rel_tol=1e-4, abs_tol=1e-9), step
+    whole = make_schedule(cfg, 10, 5)
+    for off in (make_schedule(OptimizerConfig(learning_rate=0.1, schedule="cosine", warmup_epochs=1,
+                                              restart_at_unfreeze=False), 10, 5, unfreeze_at=2),
+                make_schedule(cfg, 10, 5, unfreeze_at=0), make_schedule(cfg, 10, 5, unfreeze_at=5)):
+        assert [float(off(s)) for s in range(50)] == [float(whole(s)) for s in range(50)]
+    steps = OptimizerConfig(learning_rate=1.0, schedule="step", lr_step_epochs=(2, 4))
+    assert [float(make_schedule(steps, 3, 6, unfreeze_at=3)(s)) for s in (0, 6, 9, 12)] == \
+        [float(make_schedule(steps, 3, 6)(s)) for s in (0, 6, 9, 12)]  # counts run epochs
+
+
 def test_step_schedule_and_constant():
     cfg = OptimizerConfig(learning_rate=1.0, schedule="step", lr_step_epochs=(2, 4), lr_step_factor=0.5)
     sched = make_schedule(cfg, steps_per_epoch=3, epochs=6)
