@@ -44,7 +44,10 @@ class RunLog:
                                  metadata=_SCALAR_METADATA)
 
     def start_epoch(self, epoch: int, epochs: int, total: int, initial: int, phase: str) -> None:
+        # No tqdm rate: it counts tracing and evaluation too and disagreed with
+        # the engine's steps_per_sec, the only rate shown (in the postfix).
         self._bar = tqdm(total=total, initial=initial, desc=f"epoch {epoch + 1}/{epochs} ({phase})",
+                         bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]",
                          unit="step", leave=False, dynamic_ncols=True,
                          disable=None if self.progress and self.enabled else True)
 

@@ -224,9 +224,9 @@ def test_an_undecodable_image_stops_the_cli_with_one_line_naming_it(tmp_path, em
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     last = [l for l in result.stderr.splitlines() if l.strip()][-1]
-    # validation (the baseline) is read first: its broken record is the one met
-    assert last.startswith("error: ") and "val-00000-of-00001.tfrecord record 5: image does not " \
-        "decode" in last and "--skip_bad_records" in last, last
+    # BN calibration reads the training split first: its broken record is the one met
+    assert last.startswith("error: ") and "train-00000-of-00001.tfrecord record 16: image does " \
+        "not decode" in last and "--skip_bad_records" in last, last
 
 
 def test_skipped_records_are_counted_in_the_epoch_report(tmp_path, embedded_cache):
