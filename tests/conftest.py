@@ -6,6 +6,21 @@ os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
 import pytest
 
 
+@pytest.fixture
+def parse():
+    """Parses flags as train_main would and returns the Config (flags reset afterwards)."""
+    from absl import flags
+    from engine import flags as engine_flags
+    f = flags.FLAGS
+
+    def _parse(*args):
+        f.unparse_flags()
+        f(["train_main.py", *args])
+        return engine_flags.config_from_flags(f)
+    yield _parse
+    f.unparse_flags()
+
+
 @pytest.fixture(scope="session")
 def embedded_cache(tmp_path_factory):
     """One embedded dataset for the whole session (made once, read by many tests)."""

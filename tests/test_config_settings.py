@@ -14,14 +14,6 @@ FLAGS = flags.FLAGS
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture
-def parse():
-    def _parse(*args):
-        FLAGS.unparse_flags()
-        FLAGS(["train_main.py", *args])
-        return engine_flags.config_from_flags(FLAGS)
-    yield _parse
-    FLAGS.unparse_flags()
 
 
 def test_every_field_has_a_flag_and_every_flag_a_field():

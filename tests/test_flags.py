@@ -8,14 +8,6 @@ from engine.config import Config, ConfigError
 FLAGS = flags.FLAGS
 
 
-@pytest.fixture
-def parse():
-    def _parse(*args):
-        FLAGS.unparse_flags()
-        FLAGS(["train_main.py", *args])
-        return engine_flags.config_from_flags(FLAGS)
-    yield _parse
-    FLAGS.unparse_flags()
 
 
 def test_flags_map_to_config_groups(parse):

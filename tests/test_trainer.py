@@ -275,17 +275,22 @@ def test_restore_in_all_four_directions(tmp_path, embedded_cache, first_unfreeze
     assert int(second.epoch.numpy()) == 2
 
 
-def test_head_change_warm_start_restores_backbone_and_reports_head(tmp_path, embedded_cache):
-    first = Trainer(_config(tmp_path / "a", embedded_cache, epochs=1))
-    first.train()
-    data_dir = tmp_path / "five"
+def _five_label_data(data_dir, names: int):
+    """TFRecords whose 40 records carry labels 0-4, and a labels.txt naming `names` labels."""
     data_dir.mkdir()
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, size=(40, 32, 32, 3), dtype=np.uint8)
     labels = [[int(i % 5)] for i in range(40)]
     write_tfrecords(str(data_dir / "train"), images[:32], labels[:32])
     write_tfrecords(str(data_dir / "val"), images[32:], labels[32:])
-    (data_dir / "labels.txt").write_text("\n".join(f"l{i}" for i in range(5)) + "\n")
+    (data_dir / "labels.txt").write_text("\n".join(f"l{i}" for i in range(names)) + "\n")
+    return data_dir
+
+
+def test_head_change_warm_start_restores_backbone_and_reports_head(tmp_path, embedded_cache):
+    first = Trainer(_config(tmp_path / "a", embedded_cache, epochs=1))
+    first.train()
+    data_dir = _five_label_data(tmp_path / "five", names=5)
     cfg = _config(tmp_path / "b", embedded_cache, epochs=1, init_checkpoint=first.model_dir)
     cfg = cfg.replace(data={"data_dir": str(data_dir)})
     second = Trainer(cfg)
@@ -402,14 +407,7 @@ def test_a_run_from_before_the_manifest_reads_its_slots_only_for_the_same_optimi
 
 
 def test_labels_that_no_training_record_carries_are_named(tmp_path, embedded_cache, capsys):
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 255, size=(40, 32, 32, 3), dtype=np.uint8)
-    labels = [[int(i % 5)] for i in range(40)]
-    write_tfrecords(str(data_dir / "train"), images[:32], labels[:32])
-    write_tfrecords(str(data_dir / "val"), images[32:], labels[32:])
-    (data_dir / "labels.txt").write_text("\n".join(f"l{i}" for i in range(7)) + "\n")
+    data_dir = _five_label_data(tmp_path / "data", names=7)  # l5, l6: in no record
     cfg = _config(tmp_path, embedded_cache, epochs=1, steps_per_epoch=1, unfreeze_at=0)
     Trainer(cfg.replace(data={"data_dir": str(data_dir)})).train()
     out = capsys.readouterr().out
