@@ -19,8 +19,9 @@ moving statistics (BN momentum and `trainable`, dropout seed-generator
 state) is put back exactly, so calibration changes nothing but the
 statistics and an exact resume is not disturbed.
 
-Under a distribution strategy each replica runs its slice of the global
-batch inside `strategy.run`; with synchronized BN every replica measures the
+Under a distribution strategy each replica runs its slice of the worker's
+batch (cut on the host, engine/data/replicas.py, as the train step gets its
+slices) inside `strategy.run`; with synchronized BN every replica measures the
 statistics of the whole batch, without it each measures its own slice, and
 the average over replicas is used either way.
 """
@@ -32,6 +33,8 @@ from typing import Iterable, Iterator, List, Optional
 import keras
 import numpy as np
 import tensorflow as tf
+
+from engine.data.replicas import split_on_host
 
 
 def batchnorm_layers(model) -> List[keras.layers.BatchNormalization]:
@@ -138,17 +141,13 @@ class BNCalibrator:
         statistics = self.statistics
 
         def replica(images):
-            if local > 1:  # this replica's slice of the worker's batch, as the train step cuts it
-                index = tf.distribute.get_replica_context().replica_id_in_sync_group % local
-                size = tf.shape(images)[0] // local
-                images = images[index * size:(index + 1) * size]
             model(images, training=True)
             return [tf.identity(v.value if isinstance(v, keras.Variable) else v)
                     for v in statistics]
 
         @tf.function
         def forward(images):
-            out = strategy.run(replica, args=(images,))
+            out = strategy.run(replica, args=split_on_host(strategy, (images,), local))
             per_replica = [strategy.experimental_local_results(t) for t in out]
             return [tf.add_n(list(r)) / len(r) for r in per_replica]
 

@@ -34,6 +34,7 @@ from engine import freeze, manifest, run_dir
 from engine.actions import BNCalibration, Checkpointer, Diverging, LossBound, Rollback, StopVote
 from engine.metrics import NonFiniteOutputs
 from engine.preemption import Preempted, stopped_before_training
+from engine.data.replicas import replica_batches
 from engine.restore import restore_run
 from engine.steps import make_train_loop
 
@@ -232,11 +233,20 @@ class Controller:
             self.log.line(f"phase: {phase.name} ({sum(len(v) for v in phase_variables.values())} "
                           f"trainable variables)")
 
+    def feed(self, dataset):
+        """What run_steps iterates: dataset's worker batches, one slice per replica.
+
+        Cut on the host and prefetched to each replica's device
+        (engine/data/replicas.py); the default strategy iterates dataset itself.
+        """
+        return replica_batches(dataset, self.strategy)
+
     def run_steps(self, iterator, num_steps: int):
         """Runs num_steps traced train steps of the current phase from iterator.
 
-        Returns (mean loss of the good steps, last global gradient norm) as
-        tensors, with no host sync: the benchmark times exactly this.
+        iterator: over feed(dataset). Returns (mean loss of the good steps,
+        last global gradient norm) as tensors, with no host sync: the
+        benchmark times exactly this.
         """
         return self.train_loop(iterator, tf.constant(num_steps, tf.int32))
 
@@ -268,7 +278,7 @@ class Controller:
             augment=c.data.augment, num_shards=self.num_workers, shard_index=self.worker_index)
         with self.strategy.scope():
             self.guard.keep_batches(dataset.element_spec)  # before the step is traced
-        return iter(dataset)
+        return iter(self.feed(dataset))
 
     def _steps_in_next_call(self, step: int) -> int:
         """--steps_per_loop, cut at the epoch's end and at the next --checkpoint_every_steps."""

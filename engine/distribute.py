@@ -89,12 +89,22 @@ def _move_collective_key_base() -> None:
 _COLLECTIVE_KEY_STRIDE = 100000
 
 
+def replica_devices(strategy) -> tuple:
+    """The devices of this worker's replicas; () for the default strategy (no devices of its own)."""
+    try:
+        return tuple(strategy.extended.worker_devices)
+    except RuntimeError:  # the default strategy
+        return ()
+
+
+def has_replica_devices(strategy) -> bool:
+    """False for the default strategy: its one replica reads tensors wherever they are."""
+    return bool(replica_devices(strategy))
+
+
 def local_replica_count(strategy) -> int:
     """Replicas on this worker (equals num_replicas_in_sync except multi-worker)."""
-    try:
-        return len(strategy.extended.worker_devices)
-    except RuntimeError:  # the default strategy: one replica
-        return 1
+    return len(replica_devices(strategy)) or 1
 
 
 def worker_info(strategy):

@@ -74,8 +74,13 @@ class StepGuard:
     def state(self) -> Dict[str, tf.Variable]:
         return {"bad_steps": self.bad_steps, "consecutive_bad_steps": self.consecutive}
 
-    def record(self, ok, images, labels):
-        """Cross-replica, once per step: count, and keep the batch when bad."""
+    def record(self, ok, batch: Callable[[], Sequence]):
+        """Cross-replica, once per step: count, and keep the batch when bad.
+
+        batch() returns the worker's (images, labels); it is called only
+        inside the bad-step branch, because putting the replicas' slices back
+        together copies them to the host, which a good step should not pay.
+        """
         bad = tf.cast(tf.logical_not(ok), tf.int64)
         self.bad_steps.assign_add(bad)
         self.consecutive.assign(tf.where(ok, tf.constant(0, tf.int64), self.consecutive + 1))
@@ -83,6 +88,7 @@ class StepGuard:
             store_images, store_labels = self.bad_batch
 
             def keep():
+                images, labels = batch()
                 store_images.assign(images)
                 store_labels.assign(labels)
                 return tf.constant(True)

@@ -1,11 +1,15 @@
 """The traced train and eval steps: the heart of the engine.
 
-One code path for one and many replicas: the iterator yields GLOBAL batches
-(a plain tf.data iterator, so the data position never depends on a
-distributed iterator); each replica takes its slice inside `strategy.run`,
-averages its per-example loss over the GLOBAL batch, and the replicas'
-gradients are summed before clipping, so the clipped norm is the norm of the
-true global gradient (Keras would clip each replica's part first).
+One code path for one and many replicas: each replica receives only its own
+slice of the worker's batch, cut on the host and prefetched to its device
+(engine/data/replicas.py: the train loop iterates `replica_batches(dataset,
+strategy)`, what `Controller.feed` returns; the eval functions cut their one
+batch on the host inside the traced function). Each replica averages its
+per-example loss over the GLOBAL batch, and the replicas' gradients are
+summed before clipping, so the clipped norm is the norm of the true global
+gradient (Keras would clip each replica's part first). The data position
+never depends on the distributed iterator: every epoch's dataset is rebuilt
+at the saved step (engine/data/source.py), so that iterator is never saved.
 
 `make_train_loop` returns a tf.function that runs K steps per call, so the
 Python dispatch cost is paid once per K steps; K arrives as a tensor, so a
@@ -34,23 +38,25 @@ from typing import Callable, Dict, List, Optional
 
 import tensorflow as tf
 
+from engine.data.replicas import first_replica, is_per_replica, split_on_host, whole_batch
 from engine.health import StepGuard, StepSummaries
 from engine.optimizer import ParamGroup, clip_gradients
 from engine.precision import DynamicLossScale
 from engine.variables import as_tf_variable
 
 
-def _local_slice(tensors, local_replicas: int):
-    """This replica's part of a worker's batch (replica ids run across workers)."""
-    if local_replicas == 1:
-        return tensors
-    ctx = tf.distribute.get_replica_context()
-    index = ctx.replica_id_in_sync_group % local_replicas
-    out = []
-    for t in tensors:
-        per_replica = tf.shape(t)[0] // local_replicas
-        out.append(t[index * per_replica:(index + 1) * per_replica])
-    return tuple(out)
+def _next_replica_batch(iterator, local_replicas: int):
+    """(images, labels) of the next step, one slice per replica (checked when traced).
+
+    A plain tensor with several local replicas means the iterator yields
+    whole worker batches: every replica would then train on all of it.
+    """
+    images, labels = next(iterator)
+    if local_replicas > 1 and not is_per_replica(images):
+        raise TypeError(f"the train loop of {local_replicas} replicas needs per-replica "
+                        f"batches: iterate engine.data.replicas.replica_batches(dataset, "
+                        f"strategy) (Controller.feed), not the dataset itself")
+    return images, labels
 
 
 def _forward_written_state(model) -> List:
@@ -115,8 +121,7 @@ def make_train_loop(*, model, loss_fn: Callable, groups: Dict[str, ParamGroup],
     # a zero gradient would still move them through momentum or weight decay.
     has_grad: List[bool] = []
     forward = _replica_forward(model, loss_fn, variables, has_grad, global_batch=global_batch,
-                               local_replicas=local_replicas, loss_scale=loss_scale,
-                               want_logits=want_logits)
+                               loss_scale=loss_scale, want_logits=want_logits)
     if jit_compile:
         forward = tf.function(forward, jit_compile=True)
 
@@ -137,7 +142,7 @@ def make_train_loop(*, model, loss_fn: Callable, groups: Dict[str, ParamGroup],
         norm = tf.constant(0.0)
         first = strategy.experimental_local_results  # all replicas agree after the all-reduce
         for _ in tf.range(num_steps):
-            images, labels = next(iterator)
+            images, labels = _next_replica_batch(iterator, local_replicas)
             out = strategy.run(forward, args=(images, labels))
             loss, grads, norm_r, ok_r = out[:4]
             loss, norm, ok = first(loss)[0], first(norm_r)[0], first(ok_r)[0]
@@ -148,7 +153,7 @@ def make_train_loop(*, model, loss_fn: Callable, groups: Dict[str, ParamGroup],
                 loss_scale.update(ok)
             else:
                 counted_ok = ok
-            guard.record(counted_ok, images, labels)
+            guard.record(counted_ok, lambda i=images, l=labels: whole_batch(strategy, (i, l)))
             total += tf.where(ok, loss, 0.0)
             good += tf.cast(ok, tf.float32)
             if summaries is not None:
@@ -156,7 +161,9 @@ def make_train_loop(*, model, loss_fn: Callable, groups: Dict[str, ParamGroup],
                     step=global_step + 1, loss=loss, norm=norm,
                     grads=[first(g)[0] for g in grads], variables=with_grads(),
                     learning_rates=learning_rates, bad_steps=guard.bad_steps,
-                    images=images, labels=labels,
+                    # replica 0's slice: the first rows, whose logits are shown
+                    images=first_replica(strategy, (images,))[0],
+                    labels=first_replica(strategy, (labels,))[0],
                     logits=first(out[4])[0] if want_logits else None)
             global_step.assign_add(1)
         mean = tf.where(good > 0, total / tf.maximum(good, 1.0), float("nan"))
@@ -166,7 +173,7 @@ def make_train_loop(*, model, loss_fn: Callable, groups: Dict[str, ParamGroup],
 
 
 def _replica_forward(model, loss_fn: Callable, variables: List, has_grad: List[bool], *,
-                     global_batch: int, local_replicas: int,
+                     global_batch: int,
                      loss_scale: Optional[DynamicLossScale], want_logits: bool):
     """The replica function: this replica's slice, loss over the GLOBAL batch, gradients
     summed over replicas, and the verdict `ok` every replica agrees on.
@@ -179,7 +186,6 @@ def _replica_forward(model, loss_fn: Callable, variables: List, has_grad: List[b
     written = _forward_written_state(model)
 
     def replica_forward(images, labels):
-        images, labels = _local_slice((images, labels), local_replicas)
         before = [as_tf_variable(v).read_value() for v in written]
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             # Watch only what trains: a frozen backbone's forward pass is then
@@ -287,15 +293,16 @@ def make_eval_batch(*, model, loss_fn: Callable, strategy, local_replicas: int,
     """Returns a tf.function (images, labels) -> (probabilities, per-example loss).
 
     Works on any batch size, including a short last batch: it is padded to a
-    multiple of the local replica count and the padding is cut off again after
-    gathering. Probabilities are made here, at the edge: the model and the
-    loss only see logits.
+    multiple of the local replica count, cut on the host into one part per
+    replica (only its part reaches each device), and the padding is cut off
+    again after gathering the replicas' outputs in replica order.
+    Probabilities are made here, at the edge: the model and the loss only see
+    logits.
     """
     spec = (tf.TensorSpec([None, input_size, input_size, 3], tf.float32),
             tf.TensorSpec([None, num_outputs], tf.float32))
 
     def replica_eval(images, labels):
-        images, labels = _local_slice((images, labels), local_replicas)
         logits = model(images, training=False)
         probs = tf.nn.softmax(logits) if multiclass else tf.sigmoid(logits)
         return probs, loss_fn(labels, logits)
@@ -303,10 +310,8 @@ def make_eval_batch(*, model, loss_fn: Callable, strategy, local_replicas: int,
     @tf.function(input_signature=spec)
     def eval_batch(images, labels):
         n = tf.shape(images)[0]
-        pad = (-n) % local_replicas
-        images = tf.pad(images, [[0, pad], [0, 0], [0, 0], [0, 0]])
-        labels = tf.pad(labels, [[0, pad], [0, 0]])
-        probs, per_example = strategy.run(replica_eval, args=(images, labels))
+        args = split_on_host(strategy, (images, labels), local_replicas)  # zero-padded
+        probs, per_example = strategy.run(replica_eval, args=args)
         probs = strategy.gather(probs, axis=0)[:n]
         per_example = strategy.gather(per_example, axis=0)[:n]
         return probs, per_example
@@ -330,7 +335,6 @@ def make_segmentation_eval_batch(*, model, loss_fn: Callable, strategy, local_re
     spec = (tf.TensorSpec([None, input_size, input_size, 3], tf.float32), label_spec)
 
     def replica_eval(images, labels):
-        images, labels = _local_slice((images, labels), local_replicas)
         logits = model(images, training=False)
         probs = tf.nn.softmax(tf.cast(logits, tf.float32))
         stats = tf.stack([tf.reduce_sum(probs, axis=[1, 2]),
@@ -340,10 +344,8 @@ def make_segmentation_eval_batch(*, model, loss_fn: Callable, strategy, local_re
     @tf.function(input_signature=spec)
     def eval_batch(images, labels):
         n = tf.shape(images)[0]
-        pad = (-n) % local_replicas
-        images = tf.pad(images, [[0, pad], [0, 0], [0, 0], [0, 0]])
-        labels = tf.pad(labels, [[0, pad]] + [[0, 0]] * (labels.shape.rank - 1))
-        ids, per_example, stats = strategy.run(replica_eval, args=(images, labels))
+        args = split_on_host(strategy, (images, labels), local_replicas)  # zero-padded
+        ids, per_example, stats = strategy.run(replica_eval, args=args)
         ids = strategy.gather(ids, axis=0)[:n]
         per_example = strategy.gather(per_example, axis=0)[:n]
         stats = strategy.gather(stats, axis=0)[:n]

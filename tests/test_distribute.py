@@ -18,6 +18,7 @@ import tensorflow as tf
 
 from engine import distribute, freeze
 from engine.config import Config, ConfigError, DataConfig, ModelConfig, OptimizerConfig, TrainConfig
+from engine.data.replicas import replica_batches
 from engine.losses import make_loss
 from engine.optimizer import make_param_groups, make_schedule
 from engine.state import list_keys, model_variable_keys
@@ -93,7 +94,8 @@ def _train_tiny_cnn(strategy, *, clipnorm, sync_bn, steps=STEPS):
         phase_variables=phase_variables, strategy=strategy, global_batch=BATCH,
         local_replicas=local, global_step=step, global_clipnorm=clipnorm)
     x, y = _images_and_labels(BATCH * steps)
-    iterator = iter(tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH))
+    batches = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH, drop_remainder=True)
+    iterator = iter(replica_batches(batches, strategy))  # each replica: its slice
     loop(iterator, tf.constant(steps - 1))
     _, norm = loop(iterator, tf.constant(1))
     assert traces["count"] == 1
@@ -157,7 +159,8 @@ def test_two_replicas_clip_the_summed_gradient_not_each_replicas_part():
         model=model, loss_fn=_mse, groups=groups, phase_variables={"head": model.trainable_variables},
         strategy=strategy, global_batch=4, local_replicas=2, global_step=step,
         global_clipnorm=clip)
-    _, norm = loop(iter(tf.data.Dataset.from_tensor_slices((x, y)).batch(4)), tf.constant(1))
+    batches = tf.data.Dataset.from_tensor_slices((x, y)).batch(4, drop_remainder=True)
+    _, norm = loop(iter(replica_batches(batches, strategy)), tf.constant(1))
 
     def grad(xs, ys):  # d/d(w, b) of sum over xs of (x w + b - y)^2 / 4 (the global batch)
         xs, ys = xs.astype(np.float64), ys.astype(np.float64)

@@ -7,6 +7,7 @@ import tensorflow as tf
 from engine import distribute
 from engine.config import (Config, DataConfig, FreezeConfig, ModelConfig, OptimizerConfig,
                            TrainConfig)
+from engine.data.replicas import replica_batches
 from engine.ema import EMA
 from engine.optimizer import make_param_groups, make_schedule
 from engine.state import TrainingState, list_keys, model_variable_keys
@@ -127,7 +128,8 @@ def test_ema_on_two_replicas_equals_ema_on_one():
     for strategy in (tf.distribute.get_strategy(), distribute.mirrored_strategy(["/cpu:0", "/cpu:1"])):
         model, _, groups, step, ema = _toy(strategy, decay=0.8, warmup=True)
         loop = _loop(model, groups, step, ema, strategy, loss_fn=_mse, global_batch=8)
-        loop(iter(tf.data.Dataset.from_tensor_slices((x, y)).batch(8)), tf.constant(5))
+        batches = tf.data.Dataset.from_tensor_slices((x, y)).batch(8, drop_remainder=True)
+        loop(iter(replica_batches(batches, strategy)), tf.constant(5))
         for s in ema.shadows:  # every replica holds the same average
             copies = [c.numpy() for c in strategy.experimental_local_results(s)]
             for c in copies[1:]:

@@ -14,6 +14,7 @@ import tensorflow as tf
 from engine import distribute
 from engine.config import Config, DataConfig, FreezeConfig, ModelConfig, OptimizerConfig, \
     TrainConfig
+from engine.data.replicas import replica_batches
 from engine.ema import EMA
 from engine.health import StepGuard, StepSummaries, TrainingDiverged, diagnose, \
     histogram_buckets
@@ -81,8 +82,8 @@ def test_a_bad_step_changes_nothing_and_is_counted(replicas):
     x[5, 1, 1, 2] = np.nan  # batch 1: a NaN pixel (-> NaN loss)
     y[9, 0] = np.inf  # batch 2: an infinite label
     y[12:16, 0] = 7.0  # batch 3: finite loss, NaN gradients
-    with strategy.scope():
-        iterator = iter(tf.data.Dataset.from_tensor_slices((x, y)).batch(4))
+    iterator = iter(replica_batches(
+        tf.data.Dataset.from_tensor_slices((x, y)).batch(4, drop_remainder=True), strategy))
     state = (model.weights + [w for g in groups.values() for w in g.optimizer.variables]
              + ema.shadows + [ema.num_updates])
     one = tf.constant(1)
@@ -172,7 +173,8 @@ def test_clipping_matches_hand_computation(replicas, kind):
         model=model, loss_fn=_mse, groups=groups,
         phase_variables={"head": model.trainable_variables}, strategy=strategy, global_batch=4,
         local_replicas=replicas, global_step=step, **clip)
-    _, norm = loop(iter(tf.data.Dataset.from_tensor_slices((x, y)).batch(4)), tf.constant(1))
+    batches = tf.data.Dataset.from_tensor_slices((x, y)).batch(4, drop_remainder=True)
+    _, norm = loop(iter(replica_batches(batches, strategy)), tf.constant(1))
 
     xs, ys = x.astype(np.float64), y.astype(np.float64)
     err = xs @ w0 + b0 - ys

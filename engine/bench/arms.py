@@ -123,10 +123,16 @@ class LoopArm(Arm):
 
 
 class EngineArm(LoopArm):
-    """The trainer's traced train loop (run_steps), K steps per call, in its current phase."""
+    """The trainer's traced train loop (run_steps), K steps per call, in its current phase.
+
+    It iterates trainer.feed(dataset), as training does: each replica reads
+    its own slice, prefetched to its device (the dataset itself on the
+    default strategy).
+    """
 
     def __init__(self, name: str, input_kind: str, trainer, dataset, steps_per_loop: int):
-        super().__init__(name, input_kind, trainer.run_steps, dataset, steps_per_loop)
+        super().__init__(name, input_kind, trainer.run_steps, trainer.feed(dataset),
+                         steps_per_loop)
         self.trainer = trainer  # whose model (and phase, EMA, strategy) the arm trains
 
     def xla_compiled(self) -> bool:
