@@ -1,9 +1,13 @@
 """Shared pytest setup: keep TensorFlow's C++ start-up chatter out of test output."""
 import os
+import subprocess
+import sys
 
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
 
 import pytest
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.fixture
@@ -19,6 +23,27 @@ def parse():
         return engine_flags.config_from_flags(f)
     yield _parse
     f.unparse_flags()
+
+
+@pytest.fixture(scope="session")
+def replica_runs(tmp_path_factory):
+    """{N: the npz tests/replicas_worker.py wrote on N virtual CPUs} for N = 1, 2, 3.
+
+    Processes of their own (this session's CPU is split in 2 for good), run at once.
+    """
+    root = tmp_path_factory.mktemp("replicas")
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(TESTS), TF_CPP_MIN_LOG_LEVEL="2")
+    procs = {n: subprocess.Popen([sys.executable, os.path.join(TESTS, "replicas_worker.py"),
+                                  str(n), str(root / f"{n}.npz")], env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for n in (1, 2, 3)}
+    import numpy as np
+    out = {}
+    for n, proc in procs.items():
+        log, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, f"replicas_worker.py {n}:\n{log[-3000:]}"
+        out[n] = np.load(root / f"{n}.npz")
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -524,3 +524,57 @@ def test_skip_bad_records_counts_the_rest_of_a_corrupt_file(tmp_path):
         fh.truncate(os.path.getsize(second) - 7)
     data = open_data(str(tmp_path), str(tmp_path / "cache2"), skip_bad_records=True)
     assert "a number of records that cannot be told" in data.bad_records[0]
+
+
+# ------------------------------------------------------- feeding replicas
+@pytest.mark.parametrize("decoded", [True, False], ids=["decoded_cache", "decoding"])
+@pytest.mark.parametrize("shards,shard,skip", [(1, 0, 0), (1, 0, 2), (2, 1, 1)],
+                         ids=["epoch", "resumed", "worker_1_of_2_resumed"])
+def test_each_replica_receives_the_rows_of_its_old_slice_on_its_device(indexed, decoded, shards,
+                                                                        shard, skip):
+    """Two replicas: replica j gets rows [j*b, (j+1)*b) of each worker batch, the slice the
+    step used to cut on the device, with the same order, resume skip and worker shard."""
+    from engine import distribute
+    from engine.data.replicas import replica_batches
+    data, _, _ = indexed
+    saved = data.decoded_cache_bytes
+    data.decoded_cache_bytes = saved if decoded else 0
+    try:
+        args = dict(epoch=1, global_batch=6, input_size=4, seed=3, skip_batches=skip,
+                    num_shards=shards, shard_index=shard)
+        whole = _batches(data.train_dataset(**args))
+        strategy = distribute.mirrored_strategy(["/cpu:0", "/cpu:1"])
+        fed = list(iter(replica_batches(data.train_dataset(**args), strategy)))
+    finally:
+        data.decoded_cache_bytes = saved
+    assert len(fed) == len(whole) > 0
+    for (images, labels), (want_images, want_labels) in zip(fed, whole):
+        for j, (x, y) in enumerate(zip(strategy.experimental_local_results(images),
+                                       strategy.experimental_local_results(labels))):
+            assert x.device.endswith(f"device:CPU:{j}") and y.device.endswith(f"device:CPU:{j}")
+            np.testing.assert_array_equal(x.numpy(), want_images[3 * j:3 * (j + 1)])
+            np.testing.assert_array_equal(y.numpy(), want_labels[3 * j:3 * (j + 1)])
+
+
+@pytest.mark.parametrize("replicas", [2, 3])
+def test_three_replicas_receive_their_rows_too(replica_runs, replicas):
+    """tests/replicas_worker.py fed row ids 0..17 in batches of 6 to N virtual CPUs."""
+    import replicas_worker as worker
+    run = replica_runs[replicas]
+    b = worker.GLOBAL_BATCH // replicas
+    for step in range(worker.ROWS_STEPS):
+        for j in range(replicas):
+            start = step * worker.GLOBAL_BATCH + j * b
+            np.testing.assert_array_equal(run[f"rows_{step}_{j}"], np.arange(start, start + b))
+            assert str(run[f"device_{step}_{j}"]).endswith(f"device:CPU:{j}")
+
+
+def test_the_default_strategy_iterates_the_dataset_itself_and_bytes_are_counted():
+    from engine.data.replicas import input_bytes, replica_batches, worker_batch_size
+    ds = tf.data.Dataset.from_tensors((tf.zeros([8, 32, 32, 3]), tf.zeros([8, 5]))).repeat()
+    assert replica_batches(ds, tf.distribute.get_strategy()) is ds  # no distribution machinery
+    row = 32 * 32 * 3 * 4 + 5 * 4  # float32 pixels and labels of one example
+    assert input_bytes(ds.element_spec, 2) == {"per_replica": 4 * row, "per_step": 8 * row,
+                                               "old_per_step": 16 * row}
+    with pytest.raises(ValueError, match="static size"):
+        worker_batch_size(ds.unbatch().batch(8).element_spec)

@@ -1,9 +1,11 @@
-"""The traced train step: a hand-computed SGD update, K steps per call, one trace."""
+"""The traced train step: a hand-computed SGD update, K steps per call, one trace, replicas."""
 import numpy as np
 import pytest
 import keras
 import tensorflow as tf
 
+import replicas_worker as worker
+from engine import distribute
 from engine.config import OptimizerConfig
 from engine.optimizer import make_param_groups, make_schedule
 from engine.state import model_variable_keys
@@ -157,3 +159,88 @@ def test_a_variable_without_a_gradient_is_left_out_of_the_update(name):
     reference, _, _ = run(with_unused=False)
     for a, r in zip(model.trainable_variables, reference.trainable_variables):
         np.testing.assert_array_equal(a.numpy(), r.numpy())
+
+
+# ------------------------------------------ replicas fed their own slice
+# tests/replicas_worker.py runs these on 1, 2 and 3 virtual CPUs (MirroredStrategy),
+# each in a process of its own (the replica_runs fixture, conftest.py).
+def _old_slicing_reference(x, y, replicas):
+    """The weights the old in-step slicing trained to, in float64.
+
+    Replica j took rows [j*b, (j+1)*b) of each global batch, averaged its
+    squared error over the GLOBAL batch; the replicas' gradients were summed,
+    clipped to the global norm, and applied by momentum SGD (Keras' rule:
+    m = momentum*m - lr*g; w += m).
+    """
+    batch, b = worker.GLOBAL_BATCH, worker.GLOBAL_BATCH // replicas
+    w = np.array([[0.5], [-1.0], [2.0]], np.float64)
+    bias = np.array([0.25], np.float64)
+    m_w, m_b = np.zeros_like(w), np.zeros_like(bias)
+    norms = []
+    for step in range(worker.STEPS):
+        g_w, g_b = np.zeros_like(w), np.zeros_like(bias)
+        for j in range(replicas):
+            rows = slice(step * batch + j * b, step * batch + (j + 1) * b)
+            xs, ys = x[rows].astype(np.float64), y[rows].astype(np.float64)
+            err = xs @ w + bias - ys
+            g_w += 2.0 / batch * xs.T @ err
+            g_b += 2.0 / batch * err.sum(axis=0)
+        norm = np.sqrt((g_w ** 2).sum() + (g_b ** 2).sum())
+        norms.append(norm)
+        scale = min(1.0, worker.CLIPNORM / norm)
+        m_w = worker.MOMENTUM * m_w - worker.LEARNING_RATE * scale * g_w
+        m_b = worker.MOMENTUM * m_b - worker.LEARNING_RATE * scale * g_b
+        w, bias = w + m_w, bias + m_b
+    return w, bias, norms
+
+
+@pytest.mark.parametrize("replicas", [2, 3])
+def test_each_replica_function_is_traced_with_its_slice_only(replica_runs, replicas):
+    run = replica_runs[replicas]
+    b = worker.GLOBAL_BATCH // replicas
+    # The loop's iterator holds one [b, ...] spec per replica, and each replica's
+    # model call was traced on exactly b rows (the old path traced [None, 3]: a
+    # slice of the whole batch that had been copied to every replica's device).
+    np.testing.assert_array_equal(run["spec_shapes"], [[b, 3]] * replicas + [[b, 1]] * replicas)
+    np.testing.assert_array_equal(run["traced_shapes"], [[b, 3]] * replicas)
+
+
+@pytest.mark.parametrize("replicas", [1, 2, 3])
+def test_replicas_train_to_the_weights_of_the_old_in_step_slicing(replica_runs, replicas):
+    run = replica_runs[replicas]
+    w, bias, norms = _old_slicing_reference(run["x"], run["y"], replicas)
+    assert norms[0] > 2 * worker.CLIPNORM  # the clip binds: a replica's share would show
+    np.testing.assert_allclose(run["weights_0"], w, rtol=0, atol=2e-6)
+    np.testing.assert_allclose(run["weights_1"], bias, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("replicas", [2, 3])
+def test_eval_cuts_a_short_batch_on_the_host_and_gathers_it_exactly(replica_runs, replicas):
+    run = replica_runs[replicas]
+    images = run["eval_images"].astype(np.float64)
+    logits = images.mean(axis=(1, 2)) @ run["eval_kernel"] + run["eval_bias"]
+    np.testing.assert_allclose(run["eval_probs"], 1 / (1 + np.exp(-logits)), rtol=1e-5)
+    np.testing.assert_allclose(run["eval_loss"], np.mean(logits ** 2, axis=-1), rtol=1e-5)
+    # The padded whole batch is read on the host only (by the split), never on a replica's
+    # own device: each device receives its part.
+    readers = set(run["eval_pad_readers"].tolist())
+    assert readers and all(r.endswith("device:CPU:0") for r in readers), readers
+
+
+def test_a_loop_of_two_replicas_refuses_whole_batches():
+    strategy = distribute.mirrored_strategy(["/cpu:0", "/cpu:1"])
+    cfg = OptimizerConfig(name="sgd", learning_rate=0.1, schedule="constant")
+    with strategy.scope():
+        model = _dense_model(np.ones([3, 1], np.float32), np.zeros([1], np.float32))
+        step = tf.Variable(0, dtype=tf.int64, trainable=False,
+                           aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        groups = make_param_groups(cfg, {"head": model.trainable_variables},
+                                   model_variable_keys(model), make_schedule(cfg, 10, 1), step,
+                                   tf.Variable(1.0, trainable=False))
+    loop, _ = make_train_loop(model=model, loss_fn=_mse, groups=groups,
+                              phase_variables={"head": model.trainable_variables},
+                              strategy=strategy, global_batch=4, local_replicas=2,
+                              global_step=step)
+    _, _, ds = _data()
+    with pytest.raises(TypeError, match="needs per-replica batches"):
+        loop(iter(ds), tf.constant(1))
