@@ -82,8 +82,10 @@ def test_a_bad_step_changes_nothing_and_is_counted(replicas):
     x[5, 1, 1, 2] = np.nan  # batch 1: a NaN pixel (-> NaN loss)
     y[9, 0] = np.inf  # batch 2: an infinite label
     y[12:16, 0] = 7.0  # batch 3: finite loss, NaN gradients
-    iterator = iter(replica_batches(
-        tf.data.Dataset.from_tensor_slices((x, y)).batch(4, drop_remainder=True), strategy))
+    batches = tf.data.Dataset.from_tensor_slices((x, y)).batch(4, drop_remainder=True)
+    with strategy.scope():
+        guard.keep_batches(batches.element_spec)  # the whole worker batch, from both replicas
+    iterator = iter(replica_batches(batches, strategy))
     state = (model.weights + [w for g in groups.values() for w in g.optimizer.variables]
              + ema.shadows + [ema.num_updates])
     one = tf.constant(1)
@@ -101,6 +103,8 @@ def test_a_bad_step_changes_nothing_and_is_counted(replicas):
             np.testing.assert_array_equal(a, b)  # weights, BN statistics, slots, EMA: untouched
         assert int(guard.bad_steps.numpy()) == bad and int(guard.consecutive.numpy()) == bad
     assert int(step.numpy()) == 4  # the global step counts consumed batches
+    np.testing.assert_array_equal(guard.bad_batch[0].numpy(), x[12:16])  # the last bad batch
+    np.testing.assert_array_equal(guard.bad_batch[1].numpy(), y[12:16])
     assert all(int(g.optimizer.iterations.numpy()) == 1 for g in groups.values())
     loss, _ = loop(iterator, one)  # batch 4: good again
     assert np.isfinite(float(loss))

@@ -115,25 +115,29 @@ _RESUME = dict(epochs=3, unfreeze_at=2, checkpoint_every_steps=2, keep_checkpoin
                deterministic=True)
 
 
-@pytest.fixture(scope="module")
-def uninterrupted_run(embedded_cache, tmp_path_factory):
+# Two replicas (2 virtual CPUs, tests/conftest.py), each fed its own slice of the batch.
+_TWO_REPLICAS = dict(strategy="mirrored", num_virtual_cpus=2)
+
+
+@pytest.fixture(scope="module", params=[{}, _TWO_REPLICAS], ids=["1-replica", "2-replicas"])
+def uninterrupted_run(embedded_cache, tmp_path_factory, request):
     """One deterministic run kept whole: its final state and every checkpoint it wrote."""
     root = tmp_path_factory.mktemp("uninterrupted")
-    full = Trainer(_config(root, embedded_cache, **_RESUME))
+    full = Trainer(_config(root, embedded_cache, **_RESUME, **request.param))
     full.train()
-    return full.model_dir, full.state.values()
+    return full.model_dir, full.state.values(), request.param
 
 
 @pytest.mark.parametrize("stop_step", [4, 12, 14], ids=["mid-epoch-1-frozen", "end-of-unfreeze-epoch", "mid-unfrozen"])
 def test_resume_is_bit_identical_under_determinism(tmp_path, embedded_cache, uninterrupted_run,
                                                    stop_step):
-    full_dir, expected = uninterrupted_run
+    full_dir, expected, replicas = uninterrupted_run
     # The same run, as if it had died right after writing ckpt-<stop_step>.
     shutil.copytree(full_dir, tmp_path / "run")
     model_dir = str(tmp_path / "run")
     keep = next(p for p in _checkpoints(model_dir) if p.endswith(f"ckpt-{stop_step}"))
     _keep_only(model_dir, keep)
-    resumed = Trainer(_config(tmp_path, embedded_cache, **_RESUME))
+    resumed = Trainer(_config(tmp_path, embedded_cache, **_RESUME, **replicas))
     line = resumed.restore()
     assert line.startswith("resumed")
     assert int(resumed.global_step.numpy()) == stop_step
