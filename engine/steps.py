@@ -95,7 +95,9 @@ def make_train_loop(*, model, loss_fn: Callable, groups: Dict[str, ParamGroup],
 
     train_loop(iterator, num_steps) runs num_steps steps and returns the mean
     loss over its good (finite) steps (NaN when none was) and the last
-    step's global gradient norm (replica-summed, before clipping).
+    step's global gradient norm (replica-summed, before clipping). The
+    iterator is over replica_batches(dataset, strategy) (Controller.feed):
+    one slice per replica, already on its device.
     phase_variables: group name -> the variables that train in this phase.
     after_step: cross-replica work after each optimizer step (the EMA update).
     guard: where bad steps are counted; one is made when None (it is then

@@ -2,6 +2,8 @@
 
 The trainer uses only these three names; see source.py for the pipeline
 (a pure function of seed and epoch) and tfrecord.py for the record schema.
+replicas.py feeds those batches to a strategy's replicas, each its own slice
+(the controller's `feed`, the eval step and BN calibration use it).
 """
 
 from engine.data.errors import DataError
