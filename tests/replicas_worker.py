@@ -10,6 +10,8 @@ split the CPU into 2, so 3 replicas need their own process. Writes to OUT.npz:
   traced_shapes                        the input shape each replica's model call was
                                        traced with (-1: unknown)
   spec_shapes                          the per-replica specs of the loop's iterator
+  get_next_readers                     per get-next of the traced loop: the devices
+                                       of the ops reading it
   weights_<i>, x, y                    a short momentum-SGD run with a binding global
                                        clip, and the data it trained on
   eval_images, eval_probs, eval_loss,  a short batch through make_eval_batch, and the
@@ -83,6 +85,26 @@ def row_ids(strategy, out):
             out[f"device_{step}_{j}"] = part.device
 
 
+def get_next_readers(graph_def):
+    """For each iterator get-next in the traced graph (and function bodies): the devices reading it.
+
+    The old path had ONE get-next of the whole batch, read by a StridedSlice on
+    every replica's device (each device received all of it). Fed per replica,
+    each device has its own iterator, read on that device only.
+    """
+    out = []
+    for nodes in [graph_def.node] + [f.node_def for f in graph_def.library.function]:
+        get_next = {n.name for n in nodes if n.op in ("IteratorGetNext", "OptionalGetValue")}
+        readers = {name: set() for name in get_next}
+        for n in nodes:
+            for name in n.input:
+                producer = name.lstrip("^").split(":")[0]
+                if producer in readers and n.device:
+                    readers[producer].add(n.device.rsplit("/", 1)[-1])
+        out += [",".join(sorted(devices)) for devices in readers.values()]
+    return out
+
+
 def short_run(strategy, local, out):
     """STEPS steps of momentum SGD with a binding global clip, K steps in one call."""
     import numpy as np
@@ -116,6 +138,8 @@ def short_run(strategy, local, out):
         iterator.element_spec, expand_composites=True)])
     loop(iterator, tf.constant(STEPS))
     assert traces["count"] == 1
+    graph = loop.get_concrete_function(iterator, tf.constant(STEPS)).graph.as_graph_def()
+    out["get_next_readers"] = np.array(get_next_readers(graph))
     out["traced_shapes"] = np.array([[-1 if d is None else d for d in shape] for shape in seen])
     for i, w in enumerate(model.get_layer("dense").weights):
         out[f"weights_{i}"] = w.numpy()

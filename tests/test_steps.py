@@ -198,11 +198,15 @@ def _old_slicing_reference(x, y, replicas):
 def test_each_replica_function_is_traced_with_its_slice_only(replica_runs, replicas):
     run = replica_runs[replicas]
     b = worker.GLOBAL_BATCH // replicas
-    # The loop's iterator holds one [b, ...] spec per replica, and each replica's
-    # model call was traced on exactly b rows (the old path traced [None, 3]: a
-    # slice of the whole batch that had been copied to every replica's device).
+    # The loop's iterator holds one [b, ...] spec per replica (the old path's held the
+    # whole batch, [6, 3] and [6, 1]), and each replica's model call sees b rows.
     np.testing.assert_array_equal(run["spec_shapes"], [[b, 3]] * replicas + [[b, 1]] * replicas)
     np.testing.assert_array_equal(run["traced_shapes"], [[b, 3]] * replicas)
+    # Every get-next of the traced loop is read on one device only. The old path's one
+    # get-next of the whole batch was read by a slice on every replica's device, i.e.
+    # copied to each of them: N whole batches per step.
+    readers = run["get_next_readers"].tolist()
+    assert readers and all("," not in r for r in readers), readers
 
 
 @pytest.mark.parametrize("replicas", [1, 2, 3])
