@@ -557,7 +557,7 @@ def test_each_replica_receives_the_rows_of_its_old_slice_on_its_device(indexed, 
 
 
 @pytest.mark.parametrize("replicas", [2, 3])
-def test_three_replicas_receive_their_rows_too(replica_runs, replicas):
+def test_two_and_three_replicas_receive_their_rows(replica_runs, replicas):
     """tests/replicas_worker.py fed row ids 0..17 in batches of 6 to N virtual CPUs."""
     import replicas_worker as worker
     run = replica_runs[replicas]
