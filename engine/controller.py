@@ -239,7 +239,7 @@ class Controller:
         Cut on the host and prefetched to each replica's device
         (engine/data/replicas.py); the default strategy iterates dataset itself.
         """
-        return replica_batches(dataset, self.strategy)
+        return replica_batches(dataset, self.parts.strategy)
 
     def run_steps(self, iterator, num_steps: int):
         """Runs num_steps traced train steps of the current phase from iterator.
