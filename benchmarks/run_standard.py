@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -47,23 +48,37 @@ from absl import app, flags
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from engine.bench.report import markdown_table, record_ratio, target_text  # noqa: E402 (no TF)
+from engine.bench.report import (cpu_flags_text, markdown_table, record_ratio,  # noqa: E402
+                                 target_text)  # (no TF)
 
 # (backbone, input size, global batch): inceptionv3 at batch 16, as its targets are stated.
 STANDARD = (("tiny_cnn", 32, 32), ("mobilenetv2", 128, 32), ("inceptionv3", 96, 16))
-COMPARE = ("keras_fit", "ema", "frozen", "mirrored1", "k1")
+COMPARE = ("keras_fit", "ema", "frozen", "mirrored1", "k1", "bf16", "xla")
+# Timed windows per backbone (--windows overrides; --quick: 3). See the module text for why.
+WINDOWS = {"tiny_cnn": 9, "mobilenetv2": 7, "inceptionv3": 5}
+# Steps per call of the xla arm (0: K): its windows are whole calls, and XLA is
+# several times slower on this CPU; see the module text for the ratio's bias.
+XLA_STEPS_PER_LOOP = {"tiny_cnn": 0, "mobilenetv2": 2, "inceptionv3": 5}
+# A backbone whose median window spread (over its arms) is above this runs once more;
+# the tables keep the quieter of the two runs (--rerun_spread=0: never).
+RERUN_SPREAD = 0.30
 REFERENCE = "engine/synthetic"  # the arm every ratio of a run is taken against
 
 # Targets from the tracker, checked on the records: ratio prefix ->
 # [(lowest acceptable median, the backbones it applies to (None: all),
 #   the fit arm it applies to: "spe=1", "spe=K" (the engine's K) or None: any)].
+# bf16_over_float32, xla_over_off, k1_over_k: reported only, no target.
 TARGETS = {
     "ema_over_off": [(0.97, None, None)],  # EMA costs at most 3%
     "frozen_over_unfrozen": [(3.0, ("inceptionv3",), None)],
     "mirrored1_over_default": [(0.95, None, None)],
     "real_over_synthetic": [(0.95, None, None)],
-    "engine_over_fit": [(1.15, ("inceptionv3",), "spe=1"), (1.0, ("inceptionv3",), "spe=K"),
-                        (1.25, ("tiny_cnn",), "spe=K")],  # tiny_cnn: with K >= 20
+    # Issue 16: on every backbone, >= 1.10 against fit at steps_per_execution 1
+    # and >= 1.0 at equal steps per call. The old tiny_cnn target (1.25 at
+    # spe=20) is retired: Keras fit runs within 4-6% of a bare K-step loop of
+    # the same kernels there (benchmarks/profile_step.py, BUILD_NOTES.md), so
+    # even a loop costing nothing would be ~1.05x fit.
+    "engine_over_fit": [(1.10, None, "spe=1"), (1.0, None, "spe=K")],
 }
 # Achieved FLOP/s over the matmul peak, unfrozen engine/synthetic arm.
 PEAK_FRACTION_TARGET = (0.60, ("inceptionv3",))
@@ -77,9 +92,8 @@ def target_for(prefix: str, backbone: str, arm: str = "", steps_per_loop: int = 
             continue
         if fit_arm == "spe=1" and arm != "keras_fit/spe=1":
             continue
-        if fit_arm == "spe=K" and (arm != f"keras_fit/spe={steps_per_loop}" or steps_per_loop == 1
-                                   or (backbone == "tiny_cnn" and steps_per_loop < 20)):
-            continue
+        if fit_arm == "spe=K" and (arm != f"keras_fit/spe={steps_per_loop}" or steps_per_loop == 1):
+            continue  # (at K = 1 the spe=1 target is the one at equal steps per call)
         return low
     return None
 
@@ -113,8 +127,12 @@ def judge(records):
 
 def define_flags():
     """The script's flags (defined when it runs, so tests can import target_for)."""
-    flags.DEFINE_boolean("quick", False, "3 windows of 1 s instead of 5 of 2 s.")
-    flags.DEFINE_integer("windows", 0, "Timed windows per arm (0: 5, or 3 with --quick).")
+    flags.DEFINE_boolean("quick", False, "3 windows of 1 s instead of the set's own of 2 s.")
+    flags.DEFINE_integer("windows", 0, "Timed windows per arm (0: the backbone's own, WINDOWS; "
+                         "3 with --quick).")
+    flags.DEFINE_float("rerun_spread", RERUN_SPREAD, "Run a backbone once more when the median "
+                       "over its arms of the window spread is above this; keep the quieter run "
+                       "(0: never).")
     flags.DEFINE_float("window_s", 0.0, "Seconds per window (0: 2.0, or 1.0 with --quick).")
     flags.DEFINE_list("backbones", [s[0] for s in STANDARD], "Which of the standard backbones to run.")
     flags.DEFINE_list("compare", list(COMPARE), "--benchmark_compare of every run.")
@@ -131,20 +149,40 @@ def define_flags():
 
 
 def standard_runs(backbones, *, compare=COMPARE, steps_per_loop=20, mixed_precision="float32",
-                  batch_size=0):
-    """(tag, train_main flags) for each run of the set: one per backbone."""
+                  batch_size=0, windows=0):
+    """(tag, train_main flags) for each run of the set: one per backbone.
+
+    windows: timed windows of every run (0: the backbone's own, WINDOWS).
+    """
     runs = []
     for backbone, size, batch in STANDARD:
         if backbone not in backbones:
             continue
         batch = batch_size or batch
         tag = f"{backbone}_{size}_b{batch}_{mixed_precision}_k{steps_per_loop}"
-        runs.append((tag, [f"--backbone={backbone}", f"--input_size={size}",
-                           f"--batch_size={batch}", "--unfreeze_at=0",
-                           "--ema_decay=0", f"--steps_per_loop={steps_per_loop}",
-                           f"--mixed_precision={mixed_precision}", "--benchmark_input=both",
-                           f"--benchmark_compare={','.join(compare) or 'none'}"]))
+        extra = [f"--backbone={backbone}", f"--input_size={size}",
+                 f"--batch_size={batch}", "--unfreeze_at=0",
+                 "--ema_decay=0", f"--steps_per_loop={steps_per_loop}",
+                 f"--mixed_precision={mixed_precision}", "--benchmark_input=both",
+                 f"--benchmark_compare={','.join(compare) or 'none'}",
+                 f"--benchmark_windows={windows or WINDOWS[backbone]}"]
+        xla_k = min(XLA_STEPS_PER_LOOP[backbone] or steps_per_loop, steps_per_loop)
+        if "xla" in compare and xla_k != steps_per_loop:
+            extra.append(f"--benchmark_xla_steps_per_loop={xla_k}")
+        runs.append((tag, extra))
     return runs
+
+
+def median_spread(records) -> float:
+    """The median over a run's arms of their window spread ((max - min) / median steps/s)."""
+    return statistics.median(r["spread_steps_per_sec"] for r in records)
+
+
+def quieter(first, second):
+    """(kept, dropped): the run whose median window spread is lower (the first on a tie)."""
+    if second and median_spread(second) < median_spread(first):
+        return second, first
+    return first, second
 
 
 def main(argv):
@@ -162,31 +200,63 @@ def main(argv):
     started = time.time()
     runs = standard_runs(FLAGS.backbones, compare=FLAGS.compare,
                          steps_per_loop=FLAGS.steps_per_loop,
-                         mixed_precision=FLAGS.mixed_precision, batch_size=FLAGS.batch_size)
-    failures, durations = [], []
+                         mixed_precision=FLAGS.mixed_precision, batch_size=FLAGS.batch_size,
+                         windows=FLAGS.windows or (3 if FLAGS.quick else 0))
+    failures, durations, reruns = [], [], []
     for i, (tag, extra) in enumerate(runs):
-        model_dir = os.path.join(root, tag)
-        cmd = _command(extra, model_dir)
-        print(f"[{i + 1}/{len(runs)}] PYTHONPATH={REPO} {shlex.join(cmd)}", flush=True)
+        print(f"[{i + 1}/{len(runs)}] {tag}", flush=True)
         if FLAGS.dry_run:
+            print(f"  PYTHONPATH={REPO} {shlex.join(_command(extra, os.path.join(root, tag)))}")
             continue
-        tic = time.time()
-        new, failure = _run(cmd, model_dir, tag)
-        durations.append(f"{tag} {time.time() - tic:.0f} s")
+        new, failure = _run_backbone(tag, extra, root, durations, reruns)
         if failure:
             failures.append(failure)
-            print(f"  FAILED ({failure})", flush=True)
             continue
         records += new
-        print(f"  {durations[-1]}", flush=True)
-        _print_run(new)
     if FLAGS.dry_run:
         return 0
     verdicts = judge(records)
     print("targets:" + "".join(f"\n  {line}" for line in verdicts) if verdicts
           else "targets: none applies to these runs", flush=True)
-    _write_markdown(records, failures, durations, root, time.time() - started)
+    _write_markdown(records, failures, durations, reruns, root, time.time() - started)
     return 1 if failures else 0
+
+
+def _run_backbone(tag, extra, root, durations, reruns):
+    """One backbone's run, and once more if its windows were too spread out.
+
+    Returns (the kept run's records, None) or ([], what failed); appends the
+    durations, and to reruns a line saying which run was kept and why.
+    """
+    first, failure = _timed_run(tag, extra, root, durations)
+    if failure or not FLAGS.rerun_spread or median_spread(first) <= FLAGS.rerun_spread:
+        return first, failure
+    print(f"  median window spread {100 * median_spread(first):.0f}% > "
+          f"{100 * FLAGS.rerun_spread:.0f}%: running {tag} once more", flush=True)
+    second, failure = _timed_run(tag + "_rerun", extra, root, durations)
+    kept, dropped = quieter(first, second)
+    reruns.append(
+        f"{tag}: median window spread {100 * median_spread(first):.0f}% > "
+        f"{100 * FLAGS.rerun_spread:.0f}%, run again"
+        + (f" ({100 * median_spread(second):.0f}%); kept run {kept[0]['run_id']}, "
+           f"dropped {dropped[0]['run_id']}" if second else f" and the rerun failed ({failure})"))
+    return kept, None
+
+
+def _timed_run(tag, extra, root, durations):
+    """Runs one benchmark process and prints its arms; (records, None) or ([], failure)."""
+    model_dir = os.path.join(root, tag)
+    cmd = _command(extra, model_dir)
+    print(f"  PYTHONPATH={REPO} {shlex.join(cmd)}", flush=True)
+    tic = time.time()
+    new, failure = _run(cmd, model_dir, tag)
+    durations.append(f"{tag} {time.time() - tic:.0f} s")
+    if failure:
+        print(f"  FAILED ({failure})", flush=True)
+        return [], failure
+    print(f"  {durations[-1]}; median window spread {100 * median_spread(new):.0f}%", flush=True)
+    _print_run(new)
+    return new, None
 
 
 def _read_records(path):
@@ -196,11 +266,9 @@ def _read_records(path):
 
 def _command(extra, model_dir):
     """The train_main.py --mode=benchmark command of one run."""
-    windows = FLAGS.windows or (3 if FLAGS.quick else 5)
     window_s = FLAGS.window_s or (1.0 if FLAGS.quick else 2.0)
     cmd = [sys.executable, os.path.join(REPO, "train_main.py"), "--mode=benchmark", *extra,
-           f"--benchmark_windows={windows}", f"--benchmark_window_s={window_s}",
-           f"--model_dir={model_dir}", "--noprogress"]
+           f"--benchmark_window_s={window_s}", f"--model_dir={model_dir}", "--noprogress"]
     if FLAGS.cache_dir:
         cmd.append(f"--cache_dir={FLAGS.cache_dir}")
     return cmd
@@ -229,32 +297,37 @@ def _print_run(records):
             ratio = f"  {label} {r[prefix + '_median']:.3f}"
             ratio += f"  {target_text(r, prefix)}" if f"{prefix}_target" in r else ""
         print(f"  {r['arm']:<18} {r['median_steps_per_sec']:9.2f} steps/s "
-              f"(spread {100 * r['spread_steps_per_sec']:.1f}%){ratio}", flush=True)
+              f"(spread {100 * r['spread_steps_per_sec']:.1f}%, K={r['steps_per_loop']}, "
+              f"first step {r['time_to_first_step_s']:.1f} s){ratio}", flush=True)
 
 
-def _write_markdown(records, failures, durations, root, seconds):
+def _write_markdown(records, failures, durations, reruns, root, seconds):
     """The records of all runs as markdown tables in --out, under a header of how they were made."""
     # Imported only now: it imports TensorFlow, which this parent process
     # should not hold (threads, memory) while the runs are measured.
     from engine.bench.machine import machine_info
     m = machine_info()
+    windows = FLAGS.windows or (3 if FLAGS.quick else 0)
     text = [
         "# tapeworks standard benchmark",
         "",
         f"Date: {time.strftime('%Y-%m-%d %H:%M %Z')}. Machine: {m['cpu_model']}, {m['cores']} "
-        f"usable cores ({m['cpu_count']} in the machine); TensorFlow {m['tensorflow']}, "
-        f"Keras {m['keras']}, Python {m['python']}.",
+        f"usable cores ({m['cpu_count']} in the machine){cpu_flags_text(m)}; "
+        f"TensorFlow {m['tensorflow']}, Keras {m['keras']}, Python {m['python']}.",
         "",
         f"Made by `{shlex.join(['python', 'benchmarks/run_standard.py', *sys.argv[1:]])}` "
         f"in {seconds:.0f} s "
         f"({'; '.join(durations)}): one `train_main.py --mode=benchmark` process per backbone, "
         f"global batch {FLAGS.batch_size or 'per backbone (inceptionv3 16, others 32)'}, "
-        f"K={FLAGS.steps_per_loop}, "
+        f"K={FLAGS.steps_per_loop}, windows "
+        f"{windows or ', '.join(f'{b} {n}' for b, n in WINDOWS.items())}, "
         f"--benchmark_compare={','.join(FLAGS.compare)}. Records: {root}/*/benchmark.jsonl"
         + (f" and, from earlier runs, {', '.join(FLAGS.include)}" if FLAGS.include else "") + ".",
         "",
         markdown_table(records),
     ]
+    if reruns:
+        text += ["## Reruns (windows too spread out)", ""] + [f"- {r}" for r in reruns] + [""]
     if failures:
         text += ["## Failed runs", ""] + [f"- {f}" for f in failures] + [""]
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)

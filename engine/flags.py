@@ -116,7 +116,7 @@ def config_from_flags(f=flags.FLAGS) -> Config:
 # --flagfile (and a saved --overwrite would wipe the run on the next use).
 NOT_SAVED = ("mode", "overwrite", "allow_changed", "export_from", "export_raw",
              "benchmark_window_s", "benchmark_windows", "benchmark_input", "benchmark_compare",
-             "predict_input", "predict_output", "predict_model")
+             "benchmark_xla_steps_per_loop", "predict_input", "predict_output", "predict_model")
 
 
 def effective_flags(f=flags.FLAGS) -> str:
