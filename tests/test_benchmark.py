@@ -223,25 +223,32 @@ def test_graph_flops_counts_matmuls_and_the_depthwise_gradients_tf_omits():
     assert graph_flops(step, spec) == conv + (8 * 8 * 4 - 1) + 2 * conv
 
 
-def test_bfloat16_arm_runs_and_the_policy_is_restored(embedded_cache, tmp_path):
+def test_bfloat16_run_compares_with_float32_and_the_policy_is_restored(embedded_cache, tmp_path):
     records = run_benchmark(_config(embedded_cache, tmp_path, {"mixed_precision": "bfloat16"},
-                                    window_s=0.1, windows=1, compare="frozen"))
+                                    window_s=0.1, windows=1, compare="bf16"))
     assert keras.config.dtype_policy().name == "float32"
-    assert [r["arm"] for r in records] == ["engine/synthetic", "engine/frozen"]
+    assert [r["arm"] for r in records] == ["engine/synthetic", "engine/float32"]
+    assert [r["precision"] for r in records] == ["mixed_bfloat16", "float32"]
     for r in records:
-        assert r["precision"] == "mixed_bfloat16" and r["matmul_peak_dtype"] == "bfloat16"
+        assert r["matmul_peak_dtype"] == "bfloat16"  # the run's
         assert r["median_steps_per_sec"] > 0 and r["flops_per_step"] > 0
         assert r["matmul_peak_float32_flops_per_sec"] > 0
         assert r["fraction_of_peak"] == pytest.approx(
             r["achieved_flops_per_sec"] / r["matmul_peak_flops_per_sec"], rel=1e-12)
-    assert records[1]["frozen_over_unfrozen_median"] > 0
+    # Always bfloat16 over float32: here the reference over the arm.
+    ref, f32 = records[0]["window_steps_per_sec"], records[1]["window_steps_per_sec"]
+    assert records[1]["bf16_over_float32_per_window"] == pytest.approx([ref[0] / f32[0]])
 
 
-def test_jit_compile_arms_run_xla_and_say_so(embedded_cache, tmp_path):
+def test_jit_compile_run_runs_xla_and_compares_with_it_off(embedded_cache, tmp_path):
     records = run_benchmark(_config(embedded_cache, tmp_path, {"jit_compile": True}, window_s=0.1,
-                                    windows=1))
-    assert [r["jit_compile"] for r in records] == [True]
+                                    windows=1, compare="xla"))
+    assert [r["arm"] for r in records] == ["engine/synthetic", "engine/xla=off"]
+    assert [r["jit_compile"] for r in records] == [True, False]
     assert records[0]["median_steps_per_sec"] > 0
+    ref, off = records[0]["window_steps_per_sec"], records[1]["window_steps_per_sec"]
+    assert records[1]["xla_over_off_per_window"] == pytest.approx([ref[0] / off[0]])
+    assert records[1]["ratio_label"] == "XLA / no XLA"
 
 
 @pytest.mark.parametrize("bench,train,match", [
