@@ -1,8 +1,8 @@
 """The standard benchmark set: one `train_main.py --mode=benchmark` process per backbone.
 
-    python benchmarks/run_standard.py                 # the full set, ~30 min on 2 quiet cores
+    python benchmarks/run_standard.py                 # the full set, ~45 min on 2 quiet cores
     python benchmarks/run_standard.py --dry_run       # print the commands only
-    python benchmarks/run_standard.py --quick --backbones=tiny_cnn   # < 1 min
+    python benchmarks/run_standard.py --quick --backbones=tiny_cnn   # ~2-3 min
 
 The set: tiny_cnn at 32 and mobilenetv2 at 128 (global batch 32), inceptionv3
 at 96 (batch 16), K = 20 steps per call, unfrozen, EMA off, float32. Each backbone is ONE
@@ -10,22 +10,50 @@ process whose arms are all timed in alternated windows against its
 engine/synthetic arm (engine/bench/arms.py explains the timing):
 
     engine/synthetic   the reference: one in-memory batch repeated
-    engine/real        the training pipeline        -> real / synthetic
-    keras_fit/spe=1,20 Keras model.fit, same model  -> engine / fit
+    engine/real        the training pipeline        -> real / synthetic   (target >= 0.95)
+    keras_fit/spe=1,20 Keras model.fit, same model  -> engine / fit       (>= 1.10 at spe=1,
+                                                       >= 1.0 at spe=20: every backbone)
     engine/ema=0.999   a second Trainer with EMA    -> EMA on / off       (target >= 0.97)
     engine/frozen      a second Trainer, frozen     -> frozen / unfrozen  (target >= 3, inceptionv3)
     engine/mirrored1   one-replica MirroredStrategy -> mirrored / default (target >= 0.95)
     engine/K=1         the same loop, 1 step a call -> K=1 / K=20
+    engine/bfloat16    a second Trainer, bfloat16   -> bfloat16 / float32 (reported only)
+    engine/xla         a second Trainer, XLA        -> XLA / no XLA       (reported only)
 
 Side by side in one process, every ratio is taken between windows a few
 seconds apart, so load from other users hits both sides of it. Each record
 also carries FLOPs per step, achieved FLOP/s and its fraction of the
-process's own best 2048x2048 matmul.
+process's own best 2048x2048 matmul, the time to each arm's first step (the
+xla arm's is its XLA compile) and the CPU's bfloat16 flags (avx512_bf16,
+amx_bf16, ...; this machine has avx512f and avx512_vnni only, so bfloat16 is
+emulated: the bf16 ratio is its cost here, not its promise).
 
-Duration (2 quiet cores): a window is whole calls of K steps lasting at
-least --window_s, so at K=20 an engine window of inceptionv3 (about 1 s a
-step) lasts ~20 s whatever --window_s says. Roughly: tiny_cnn 2 min,
-mobilenetv2 10 min, inceptionv3 15-20 min. --quick: 3 windows of 1 s.
+The xla arm's steps per call (XLA_STEPS_PER_LOOP): a window is whole calls of
+K steps, and on this CPU XLA made a step of mobilenetv2@128 ~18x slower and
+of inceptionv3@96 ~3x (probes on 2026-12-03 under load ~11, both sides
+alike), so at K = 20 one mobilenetv2 XLA window would be ~5 min. It runs 1
+step per call on mobilenetv2 (~14 s windows) and 5 on inceptionv3 (~5 s).
+Fewer steps per call add the per-call cost to the XLA side only: with r the
+run's K=1 / K=20 ratio, XLA / no XLA reads low by about (1 - r)(1/K' - 1/20)
+/ (1 - 1/20): ~1% on both (r was 0.99 and 0.95 on 2026-12-02).
+
+Windows (WINDOWS) and reruns, for believable spreads: on 2026-12-02 the
+median over arms of the window spread was 20% (tiny_cnn), 33% (mobilenetv2,
+up to 55%) and 15% (inceptionv3) with 5 windows each. tiny_cnn's windows cost
+~2 s, so it gets 9; mobilenetv2's cost ~14-20 s each (K = 20 at ~0.7 s a
+step), so 7, two more to make its medians (of rates and per-round ratios)
+stand against one or two disturbed rounds; inceptionv3, the quietest, keeps
+5. A backbone whose median window spread is still above RERUN_SPREAD (30%)
+runs once more and the quieter run is kept (both are named under the
+tables), unless that would end the set after --budget_min (70).
+
+Duration on 2 quiet cores, estimated from the 2026-12-02 run (29 min: per
+arm, its window length, at least one K-step call, and its first step; the
+rest, builds and FLOP counts, as measured) plus the new arms' step times from
+the probes (bf16 ~1.4x the float32 step; XLA compile ~1 min mobilenetv2,
+~1.5 min inceptionv3): tiny_cnn ~5 min (was 3), mobilenetv2 ~24 min (15),
+inceptionv3 ~16 min (11): ~45 min, up to ~70 with one rerun (MINUTES,
+BUDGET_MIN). --quick: 3 windows of 1 s, no reruns.
 
 Every run gets its own model_dir under --work_dir; the records of all runs
 (their benchmark.jsonl files) become markdown tables in --out. The project's
@@ -62,6 +90,10 @@ XLA_STEPS_PER_LOOP = {"tiny_cnn": 0, "mobilenetv2": 2, "inceptionv3": 5}
 # A backbone whose median window spread (over its arms) is above this runs once more;
 # the tables keep the quieter of the two runs (--rerun_spread=0: never).
 RERUN_SPREAD = 0.30
+# Minutes each run takes on 2 quiet cores (estimates, see the module text), and
+# the set's budget: a rerun happens only if the set still ends within it.
+MINUTES = {"tiny_cnn": 5, "mobilenetv2": 24, "inceptionv3": 16}
+BUDGET_MIN = 70
 REFERENCE = "engine/synthetic"  # the arm every ratio of a run is taken against
 
 # Targets from the tracker, checked on the records: ratio prefix ->
@@ -132,7 +164,9 @@ def define_flags():
                          "3 with --quick).")
     flags.DEFINE_float("rerun_spread", RERUN_SPREAD, "Run a backbone once more when the median "
                        "over its arms of the window spread is above this; keep the quieter run "
-                       "(0: never).")
+                       "(0: never; --quick: 0 unless given).")
+    flags.DEFINE_float("budget_min", BUDGET_MIN, "No rerun unless the set, the rerun and the "
+                       "backbones still to run (MINUTES) end within this many minutes.")
     flags.DEFINE_float("window_s", 0.0, "Seconds per window (0: 2.0, or 1.0 with --quick).")
     flags.DEFINE_list("backbones", [s[0] for s in STANDARD], "Which of the standard backbones to run.")
     flags.DEFINE_list("compare", list(COMPARE), "--benchmark_compare of every run.")
@@ -202,13 +236,17 @@ def main(argv):
                          steps_per_loop=FLAGS.steps_per_loop,
                          mixed_precision=FLAGS.mixed_precision, batch_size=FLAGS.batch_size,
                          windows=FLAGS.windows or (3 if FLAGS.quick else 0))
+    order = [b for b, _, _ in STANDARD if b in FLAGS.backbones]  # the runs' backbones
     failures, durations, reruns = [], [], []
     for i, (tag, extra) in enumerate(runs):
         print(f"[{i + 1}/{len(runs)}] {tag}", flush=True)
         if FLAGS.dry_run:
             print(f"  PYTHONPATH={REPO} {shlex.join(_command(extra, os.path.join(root, tag)))}")
             continue
-        new, failure = _run_backbone(tag, extra, root, durations, reruns)
+        later = sum(MINUTES[b] for b in order[i + 1:])
+        new, failure = run_backbone(tag, extra, root, durations, reruns, bound=_rerun_bound(),
+                                    seconds_left=FLAGS.budget_min * 60 - later * 60
+                                    - (time.time() - started))
         if failure:
             failures.append(failure)
             continue
@@ -222,28 +260,42 @@ def main(argv):
     return 1 if failures else 0
 
 
-def _run_backbone(tag, extra, root, durations, reruns):
+def run_backbone(tag, extra, root, durations, reruns, *, bound, seconds_left):
     """One backbone's run, and once more if its windows were too spread out.
 
-    Returns (the kept run's records, None) or ([], what failed); appends the
+    bound: the median window spread above which it runs again (0: never).
+    seconds_left: what the budget leaves for this backbone (its rerun
+    included) once the later backbones' estimates are set aside. Returns
+    (the kept run's records, None) or ([], what failed); appends the
     durations, and to reruns a line saying which run was kept and why.
     """
-    first, failure = _timed_run(tag, extra, root, durations)
-    if failure or not FLAGS.rerun_spread or median_spread(first) <= FLAGS.rerun_spread:
+    tic = time.time()
+    first, failure = timed_run(tag, extra, root, durations)
+    if failure or not bound or median_spread(first) <= bound:
         return first, failure
-    print(f"  median window spread {100 * median_spread(first):.0f}% > "
-          f"{100 * FLAGS.rerun_spread:.0f}%: running {tag} once more", flush=True)
-    second, failure = _timed_run(tag + "_rerun", extra, root, durations)
+    spread = f"median window spread {100 * median_spread(first):.0f}% > {100 * bound:.0f}%"
+    took = time.time() - tic
+    if took > seconds_left - took:
+        reruns.append(f"{tag}: {spread}, not run again: a rerun ({took / 60:.0f} min) would end "
+                      f"the set after its --budget_min")
+        print(f"  {reruns[-1]}", flush=True)
+        return first, None
+    print(f"  {spread}: running {tag} once more", flush=True)
+    second, failure = timed_run(tag + "_rerun", extra, root, durations)
     kept, dropped = quieter(first, second)
     reruns.append(
-        f"{tag}: median window spread {100 * median_spread(first):.0f}% > "
-        f"{100 * FLAGS.rerun_spread:.0f}%, run again"
+        f"{tag}: {spread}, run again"
         + (f" ({100 * median_spread(second):.0f}%); kept run {kept[0]['run_id']}, "
            f"dropped {dropped[0]['run_id']}" if second else f" and the rerun failed ({failure})"))
     return kept, None
 
 
-def _timed_run(tag, extra, root, durations):
+def _rerun_bound():
+    """--rerun_spread; with --quick (a smoke run of 1 s windows) only if given."""
+    return 0.0 if FLAGS.quick and not FLAGS["rerun_spread"].present else FLAGS.rerun_spread
+
+
+def timed_run(tag, extra, root, durations):
     """Runs one benchmark process and prints its arms; (records, None) or ([], failure)."""
     model_dir = os.path.join(root, tag)
     cmd = _command(extra, model_dir)

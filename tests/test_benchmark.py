@@ -382,7 +382,7 @@ def test_the_targets_table_judges_records_of_any_run_by_todays_targets():
     assert "| bfloat16 / float32 | 0.700 | 0.600 - 0.800 | - |" in table
 
 
-def test_a_noisy_run_is_rerun_and_the_quieter_one_kept():
+def test_of_a_run_and_its_rerun_the_quieter_is_kept():
     noisy = [_record(a, s) for a, s in (("a", 0.2), ("b", 0.5), ("c", 0.6))]
     quiet = [_record(a, s, run_id="r2") for a, s in (("a", 0.1), ("b", 0.2), ("c", 0.9))]
     assert run_standard.median_spread(noisy) == 0.5
@@ -391,6 +391,31 @@ def test_a_noisy_run_is_rerun_and_the_quieter_one_kept():
     assert run_standard.quieter(noisy, quiet) == (quiet, noisy)
     assert run_standard.quieter(quiet, noisy) == (quiet, noisy)
     assert run_standard.quieter(noisy, []) == (noisy, [])  # the rerun failed
+
+
+def test_a_noisy_backbone_runs_once_more_if_the_budget_allows(monkeypatch):
+    runs = {"t": [_record(a, 0.5) for a in "abc"],
+            "t_rerun": [_record(a, 0.1, run_id="r2") for a in "abc"]}
+    calls = []
+
+    def timed_run(tag, extra, root, durations):  # no process: the records it would give
+        calls.append(tag)
+        return runs[tag], None
+
+    monkeypatch.setattr(run_standard, "timed_run", timed_run)
+    reruns = []
+    kept, failure = run_standard.run_backbone("t", [], "/x", [], reruns, bound=0.3,
+                                              seconds_left=600)
+    assert calls == ["t", "t_rerun"] and kept is runs["t_rerun"] and failure is None
+    assert reruns == ["t: median window spread 50% > 30%, run again (10%); kept run r2, "
+                      "dropped r1"]
+    # Quiet enough, reruns off, or no time left for one: the first run only.
+    for bound, left in ((0.6, 600), (0.0, 600), (0.3, -1)):
+        calls.clear()
+        kept, _ = run_standard.run_backbone("t", [], "/x", [], reruns, bound=bound,
+                                            seconds_left=left)
+        assert calls == ["t"] and kept is runs["t"]
+    assert "not run again" in reruns[-1] and len(reruns) == 2
 
 
 CPUINFO = """processor\t: 0
