@@ -247,7 +247,8 @@ def _add_xla(run: _Run) -> None:
     arm = EngineArm("engine/xla=off" if own else "engine/xla", SYNTHETIC, other,
                     run.synthetic, k)
     xla, off = (REFERENCE, arm.name) if own else (arm.name, REFERENCE)
-    at_k = f" (XLA at K={k}, no XLA at K={run.k})" if k != run.k and not own else ""
+    xla_k, off_k = (run.k, k) if own else (k, run.k)
+    at_k = f" (XLA at K={xla_k}, no XLA at K={off_k})" if k != run.k else ""
     run.add(arm, "xla_over_off", "XLA / no XLA" + at_k, num=xla, den=off)
 
 
