@@ -348,8 +348,8 @@ def test_targets_apply_to_the_arms_the_tracker_names():
         assert target_for("engine_over_fit", backbone, "keras_fit/spe=1", 20) == 1.10
         assert target_for("engine_over_fit", backbone, "keras_fit/spe=20", 20) == 1.0
         assert target_for("ema_over_off", backbone, "engine/ema=0.999", 20) == 0.97
-        for prefix, arm in (("bf16_over_float32", "engine/bfloat16"), ("xla_over_off", "engine/xla"),
-                            ("k1_over_k", "engine/K=1")):
+        for prefix, arm in (("bf16_over_float32", "engine/bfloat16"),
+                            ("xla_over_off", "engine/xla"), ("k1_over_k", "engine/K=1")):
             assert target_for(prefix, backbone, arm, 20) is None  # reported only
     assert target_for("engine_over_fit", "tiny_cnn", "keras_fit/spe=5", 5) == 1.0  # any K
     assert target_for("engine_over_fit", "tiny_cnn", "keras_fit/spe=5", 20) is None  # not K
