@@ -102,10 +102,6 @@ def generate(n, rng):
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
 
-def _png(array):
-    return tf.io.encode_png(np.asarray(array, np.uint8)).numpy()
-
-
 def write_seg_tfrecords(path_prefix, images, masks, names=None, num_shards=1):
     """Writes (image, mask) pairs in the schema above; returns the file paths.
 
@@ -115,24 +111,16 @@ def write_seg_tfrecords(path_prefix, images, masks, names=None, num_shards=1):
     n = len(images)
     if len(masks) != n or (names is not None and len(names) != n):
         raise ValueError("images, masks and names must have the same length")
-    os.makedirs(os.path.dirname(os.path.abspath(path_prefix)), exist_ok=True)
-    paths = []
-    for shard, idx in enumerate(np.array_split(np.arange(n), max(1, num_shards))):
-        path = f"{path_prefix}-{shard:05d}-of-{num_shards:05d}.tfrecord"
-        with tf.io.TFRecordWriter(path) as w:
-            for i in idx:
-                img, mask = images[i], masks[i]
-                mask = mask if isinstance(mask, bytes) else np.asarray(mask, np.uint8)
-                if not isinstance(mask, bytes) and mask.ndim == 2:
-                    mask = mask[..., None]
-                feats = {tfrecord.ENCODED: tfrecord.bytes_feature(img if isinstance(img, bytes) else _png(img)),
-                         MASK: tfrecord.bytes_feature(mask if isinstance(mask, bytes) else _png(mask))}
-                if names is not None:
-                    feats[tfrecord.NAME] = tfrecord.bytes_feature(str(names[i]).encode())
-                example = tf.train.Example(features=tf.train.Features(feature=feats))
-                w.write(example.SerializeToString(deterministic=True))
-        paths.append(path)
-    return paths
+
+    def features(i):
+        mask = masks[i]
+        if not isinstance(mask, bytes):
+            mask = np.asarray(mask, np.uint8)
+            mask = mask[..., None] if mask.ndim == 2 else mask
+        return {tfrecord.ENCODED: tfrecord.bytes_feature(tfrecord.png_bytes(images[i])),
+                MASK: tfrecord.bytes_feature(tfrecord.png_bytes(mask))}
+
+    return tfrecord.write_sharded(path_prefix, n, features, names=names, num_shards=num_shards)
 
 
 def ensure_embedded(cache_dir):
