@@ -277,7 +277,7 @@ def _config(tmp_path, cache, optimizer=None, **train):
 
 def _poison(trainer, bad_batches):
     """Makes the trainer's training batches with these indices (of the epoch) all NaN."""
-    original = trainer.data.train_dataset
+    original = trainer.parts.data.train_dataset
 
     def poisoned(**kw):
         skip = kw.get("skip_batches", 0)
@@ -290,7 +290,7 @@ def _poison(trainer, bad_batches):
 
         return original(**kw).enumerate().map(maybe)
 
-    trainer.data.train_dataset = poisoned
+    trainer.parts.data.train_dataset = poisoned
 
 
 def _saved_values_are_finite(model_dir):
@@ -313,10 +313,11 @@ def test_a_poisoned_batch_is_skipped_and_reported(tmp_path, embedded_cache):
     _poison(trainer, {3})
     result = trainer.train()
     assert result["bad_steps"] == 1 and np.isfinite(result["loss"])
-    assert int(trainer.rollbacks.numpy()) == 0 and int(trainer.guard.bad_steps.numpy()) == 1
-    _saved_values_are_finite(trainer.model_dir)
-    assert not os.path.exists(os.path.join(trainer.model_dir, "rollback"))  # gone at the end
-    events = _events(os.path.join(trainer.model_dir, "train"))  # the step's own summaries
+    assert int(trainer.parts.counters.rollbacks.numpy()) == 0
+    assert int(trainer.parts.guard.bad_steps.numpy()) == 1
+    _saved_values_are_finite(trainer.parts.model_dir)
+    assert not os.path.exists(os.path.join(trainer.parts.model_dir, "rollback"))  # gone at the end
+    events = _events(os.path.join(trainer.parts.model_dir, "train"))  # the step's own summaries
     assert [s for s, _, _ in events["grad_norm/global"]] == [2, 4, 6, 8]
     assert [int(v) for _, v, _ in events["health/bad_steps"]] == [0, 1, 1, 1]
     assert [s for s, _, _ in events["health/steps_per_sec"]] == [2, 4, 6, 8]  # host side
@@ -335,17 +336,17 @@ def test_a_huge_learning_rate_is_rolled_back_and_recovers(tmp_path, embedded_cac
                               max_bad_steps=2, max_rollbacks=4, bad_step_lr_factor=0.01,
                               checkpoint_every_steps=4, max_loss_ratio=0))  # the guard's path
     result = trainer.train()
-    rollbacks = int(trainer.rollbacks.numpy())
-    assert 1 <= rollbacks <= 4 and int(trainer.guard.bad_steps.numpy()) >= 2
-    assert float(trainer.lr_scale.numpy()) == pytest.approx(0.01 ** rollbacks)
+    rollbacks = int(trainer.parts.counters.rollbacks.numpy())
+    assert 1 <= rollbacks <= 4 and int(trainer.parts.guard.bad_steps.numpy()) >= 2
+    assert float(trainer.parts.counters.lr_scale.numpy()) == pytest.approx(0.01 ** rollbacks)
     assert np.isfinite(result["loss"]) and np.isfinite(result["val_loss"])
-    assert int(trainer.global_step.numpy()) == 12
-    _saved_values_are_finite(trainer.model_dir)
+    assert int(trainer.parts.counters.global_step.numpy()) == 12
+    _saved_values_are_finite(trainer.parts.model_dir)
     # The lowered learning rate and the counts are state: a resumed run keeps them.
     again = Trainer(_config(tmp_path, embedded_cache, optimizer=sgd, steps_per_epoch=12))
     again.restore()
-    assert float(again.lr_scale.numpy()) == pytest.approx(0.01 ** rollbacks)
-    assert int(again.rollbacks.numpy()) == rollbacks
+    assert float(again.parts.counters.lr_scale.numpy()) == pytest.approx(0.01 ** rollbacks)
+    assert int(again.parts.counters.rollbacks.numpy()) == rollbacks
 
 
 def test_bad_data_that_never_ends_stops_with_a_diagnosis(tmp_path, embedded_cache):
@@ -357,8 +358,8 @@ def test_bad_data_that_never_ends_stops_with_a_diagnosis(tmp_path, embedded_cach
     message = str(caught.value)
     assert "\n" not in message and "after 1 rollback(s) (--max_rollbacks=1)" in message
     assert "input batch itself holds non-finite pixel values" in message
-    assert int(trainer.rollbacks.numpy()) == 1
-    _saved_values_are_finite(trainer.model_dir)
+    assert int(trainer.parts.counters.rollbacks.numpy()) == 1
+    _saved_values_are_finite(trainer.parts.model_dir)
 
 
 @pytest.mark.parametrize("lr", [1e6, 1e4])
@@ -375,4 +376,4 @@ def test_a_finite_but_absurd_loss_is_divergence_and_ends_in_a_diagnosis(tmp_path
     assert "\n" not in message and "after 1 rollback(s)" in message
     assert "--max_loss_ratio" in message or "not finite" in message
     assert "layer" in message or "the largest weight is" in message
-    assert not os.path.exists(os.path.join(trainer.model_dir, "rollback"))
+    assert not os.path.exists(os.path.join(trainer.parts.model_dir, "rollback"))

@@ -220,16 +220,16 @@ def test_tiny_unet_run_beats_the_majority_class(tmp_path, seg_cache, capsys):
     trainer = Trainer(_config(tmp_path, seg_cache))
     result = trainer.train()
     out = capsys.readouterr().out
-    baseline = trainer.evaluation.baseline()
+    baseline = trainer.parts.evaluation.baseline()
     assert {k for k in result if k.startswith("val")} == {"val_loss", "val_mean_iou",
                                                         "val_pixel_accuracy"}
     assert baseline["baseline_mean_iou"] < 0.2  # background only: ~0.72 / 4
     assert result["val_mean_iou"] > baseline["baseline_mean_iou"] + 0.15
-    scalars = trainer.evaluation.label_scalars()
-    assert set(scalars) == {f"val_iou/{n}" for n in trainer.data.label_names}
+    scalars = trainer.parts.evaluation.label_scalars()
+    assert set(scalars) == {f"val_iou/{n}" for n in trainer.parts.data.label_names}
     assert np.isclose(np.mean(list(scalars.values())), result["val_mean_iou"])
     assert out.count("val per class (pixel shares") == 2 and "baseline_mean_iou=" in out
-    assert int(trainer.epoch.numpy()) == 2
+    assert int(trainer.parts.counters.epoch.numpy()) == 2
 
 
 @pytest.mark.parametrize("loss", ["dice", "ce+lovasz"])
@@ -242,11 +242,11 @@ def test_other_seg_losses_run_end_to_end(tmp_path, seg_cache, loss):
 
 def test_constant_seg_head_is_reported_as_collapsed(tmp_path, seg_cache):
     trainer = Trainer(_config(tmp_path, seg_cache, epochs=1))
-    logits = trainer.model.get_layer("head").get_layer("logits")
+    logits = trainer.parts.model.get_layer("head").get_layer("logits")
     logits.kernel.assign(np.zeros(logits.kernel.shape, np.float32))
     logits.bias.assign(np.array([3.0, 0.0, 0.0, 0.0], np.float32))
     trainer.evaluate()
-    warnings = trainer.evaluation.warnings
+    warnings = trainer.parts.evaluation.warnings
     assert sum("barely vary" in w and w.startswith("val: class '") for w in warnings) == 4
     assert any("100.0% of pixels are predicted as 'background'" in w for w in warnings)
     assert all("--loss=ce+lovasz" in w for w in warnings)
