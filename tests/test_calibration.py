@@ -137,7 +137,7 @@ def _bn_statistics(trainer):
 
 
 def test_trainer_calibrates_once_before_the_frozen_phase_and_a_resume_skips_it(
-        tmp_path, embedded_cache, monkeypatch, capsys):
+        tmp_path, embedded_cache, capsys):
     first = Trainer(_config(tmp_path, embedded_cache))  # one frozen epoch: BN stays put after
     first.train()
     assert "BN calibration" in capsys.readouterr().out
@@ -156,18 +156,21 @@ def test_trainer_calibrates_once_before_the_frozen_phase_and_a_resume_skips_it(
                                             for v in (l.moving_mean, l.moving_variance)]):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
 
-    def refuse(*args, **kwargs):
-        raise AssertionError("calibration ran on resume")
-
-    monkeypatch.setattr(BNCalibrator, "__call__", refuse)
-    again = Trainer(_config(tmp_path, embedded_cache, epochs=2))
-    again.train()
-    assert "BN calibration" not in capsys.readouterr().out
+    # A resume asking for 5 calibration batches: calibrating again would log
+    # it, record 5 and change the statistics (5 batches, not 3); none happens.
+    calibrated = _values(_bn_statistics(first))
+    again = Trainer(_config(tmp_path, embedded_cache, calibrate_bn_steps=5))
+    again.train()  # restores, then finds the one epoch done: nothing trains
+    out = capsys.readouterr().out
+    assert "resumed: " in out and "BN calibration" not in out
+    assert "--calibrate_bn_steps: 3 -> 5 (no effect on resume" in out
     assert int(again.parts.counters.bn_calibrated.numpy()) == 3
+    for a, b in zip(calibrated, _values(_bn_statistics(again))):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_a_checkpoint_from_before_calibration_existed_is_resumed_without_it(
-        tmp_path, embedded_cache, monkeypatch):
+        tmp_path, embedded_cache, capsys):
     first = Trainer(_config(tmp_path, embedded_cache, calibrate_bn_steps=0))
     first.train()
     old = TrainingState()  # the same state without train/bn_calibrated, saved as the newest
@@ -179,13 +182,12 @@ def test_a_checkpoint_from_before_calibration_existed_is_resumed_without_it(
                                max_to_keep=5).save(
         checkpoint_number=int(first.parts.counters.global_step.numpy()))
 
-    def refuse(*args, **kwargs):
-        raise AssertionError("calibration ran on resume")
-
-    monkeypatch.setattr(BNCalibrator, "__call__", refuse)
-    again = Trainer(_config(tmp_path, embedded_cache, epochs=2))
+    capsys.readouterr()
+    again = Trainer(_config(tmp_path, embedded_cache, epochs=2))  # calibrate_bn_steps=3
     again.train()
-    assert int(again.parts.counters.bn_calibrated.numpy()) == -1
+    out = capsys.readouterr().out
+    assert "resumed: " in out and "BN calibration" not in out
+    assert int(again.parts.counters.bn_calibrated.numpy()) == -1  # 3 had it calibrated now
 
 
 def test_zero_steps_leave_the_statistics_and_record_it(tmp_path, embedded_cache):
@@ -205,7 +207,8 @@ def test_ema_calibrate_bn_evaluates_calibrated_ema_and_restores_the_raw_state(
     calibrated = trainer.evaluate()
     for a, b in zip(before, _values(trainer.parts.model.variables)):
         np.testing.assert_array_equal(a, b)  # weights, BN statistics, dropout seed state
-    trainer.parts.config = trainer.parts.config.replace(train={"ema_calibrate_bn": False})
-    plain = trainer.evaluate()
+    same_run = Trainer(_config(tmp_path, embedded_cache, unfreeze_at=0, ema_calibrate_bn=False))
+    same_run.restore()
+    plain = same_run.evaluate()
     assert calibrated["val_loss"] == plain["val_loss"]  # the raw model is not touched
     assert calibrated["val_ema_loss"] != plain["val_ema_loss"]

@@ -55,7 +55,7 @@ def _one_line_error(result, code=2):
 def _train(config, lines=None):
     trainer = Trainer(config)
     if lines is not None:
-        trainer.parts.log.line = lines.append
+        trainer.parts.log.listeners.append(lines.append)
     return trainer, trainer.train()
 
 

@@ -183,12 +183,11 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, em
     source = tmp_path / "source"
     trained = Trainer(_config(source, embedded_cache))
     trained.train()  # checkpoints at steps 2 and 4
-    trainer = Trainer(_config(source, embedded_cache))
     for name, corrupt in CORRUPTIONS.items():
         run = tmp_path / name.replace(" ", "_")
         shutil.copytree(source, run)
         corrupt(str(run / "checkpoints" / "ckpt-4"))
-        trainer.parts.model_dir = str(run)
+        trainer = Trainer(_config(run, embedded_cache))
         line = trainer.restore()
         assert line.startswith("WARNING: checkpoint") and "ckpt-4 is unreadable" in line, name
         assert "resumed: restored" in line and "ckpt-2" in line, name
@@ -198,9 +197,8 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, em
     shutil.copytree(source, run)
     for step in (2, 4):
         CORRUPTIONS["data cut short"](str(run / "checkpoints" / f"ckpt-{step}"))
-    trainer.parts.model_dir = str(run)
     with pytest.raises(StateError, match="no readable checkpoint.*2 unreadable"):
-        trainer.restore()
+        Trainer(_config(run, embedded_cache)).restore()
 
 
 # ------------------------------------------------ bad data through the trainer
@@ -236,7 +234,7 @@ def test_skipped_records_are_counted_in_the_epoch_report(tmp_path, embedded_cach
         train={"batch_size": 4, "checkpoint_every_steps": 0})
     trainer = Trainer(config)
     lines = []
-    trainer.parts.log.line = lines.append
+    trainer.parts.log.listeners.append(lines.append)
     result = trainer.train()
     assert result["skipped_records"] == 2 and trainer.parts.data.num_train == 16
     warning = next(l for l in lines if "--skip_bad_records left out 2 records" in l)

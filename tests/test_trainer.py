@@ -163,8 +163,8 @@ def _gradual_config(tmp_path, cache):
 def gradual_run(embedded_cache, tmp_path_factory):
     """The three-phase run kept whole, with its log lines."""
     full = Trainer(_gradual_config(tmp_path_factory.mktemp("gradual"), embedded_cache))
-    lines, line = [], full.parts.log.line
-    full.parts.log.line = lambda text: (lines.append(text), line(text))
+    lines = []
+    full.parts.log.listeners.append(lines.append)
     full.train()
     return full, lines
 
