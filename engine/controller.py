@@ -45,7 +45,7 @@ from engine.steps import make_train_loop
 class Controller:
     """The run's story over built parts (see the module docstring).
 
-    ~340 lines, every method under 45: the epoch loop and the per-call host
+    ~360 lines, every method under 45: the epoch loop and the per-call host
     checks (bad steps, the loss bound, stop requests, --checkpoint_every_steps)
     read in the order they happen; the actions own everything with state.
     """
@@ -61,10 +61,6 @@ class Controller:
         self.train_loop = None  # the traced loop of the current phase
         self.phase_traces: Dict[str, dict] = {}  # phase -> {"count": traces}
         self.resumed_from: Optional[str] = None  # the checkpoint restore() resumed from
-
-    def _global_step(self) -> int:
-        """The steps trained so far, as a Python int (one host read)."""
-        return int(self.parts.counters.global_step.numpy())
 
     # --------------------------------------------------------------- the story
     def restore(self, *, starting: bool = False) -> str:
@@ -401,3 +397,7 @@ class Controller:
             epoch = int(self.parts.counters.epoch.numpy())
             raise Preempted(f"stopped by {requested} after epoch {epoch}; "
                             f"checkpoint saved: run the same command to resume")
+
+    def _global_step(self) -> int:
+        """The steps trained so far, as a Python int (one host read)."""
+        return int(self.parts.counters.global_step.numpy())
