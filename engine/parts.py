@@ -66,7 +66,9 @@ class RunParts:
 
     Each part is read where it lives: `parts.model`, `parts.data`, and the
     loop counters under `parts.counters` (`parts.counters.global_step`);
-    nothing is forwarded, so an attribute's owner is in its name.
+    nothing is forwarded, so an attribute's owner is in its name. A part may
+    be replaced before a Controller is made over them (tests hand in data
+    with poisoned batches); after that, the actions hold references to them.
     """
 
     def __init__(self, config: Config):
