@@ -240,24 +240,22 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, em
     source = tmp_path / "source"
     trained = Trainer(_config(source, embedded_cache))
     trained.train()  # checkpoints at steps 2 and 4
-    trainer = Trainer(_config(source, embedded_cache))
     for name, corrupt in CORRUPTIONS.items():
         run = tmp_path / name.replace(" ", "_")
         shutil.copytree(source, run)
         corrupt(str(run / "checkpoints" / "ckpt-4"))
-        trainer.model_dir = str(run)
+        trainer = Trainer(_config(run, embedded_cache))
         line = trainer.restore()
         assert line.startswith("WARNING: checkpoint") and "ckpt-4 is unreadable" in line, name
         assert "resumed: restored" in line and "ckpt-2" in line, name
-        assert int(trainer.global_step.numpy()) == 2, name
+        assert int(trainer.parts.counters.global_step.numpy()) == 2, name
     # Every checkpoint unreadable: a clear error, not a fresh start over the user's run.
     run = tmp_path / "all_bad"
     shutil.copytree(source, run)
     for step in (2, 4):
         CORRUPTIONS["data cut short"](str(run / "checkpoints" / f"ckpt-{step}"))
-    trainer.model_dir = str(run)
     with pytest.raises(StateError, match="no readable checkpoint.*2 unreadable"):
-        trainer.restore()
+        Trainer(_config(run, embedded_cache)).restore()
 
 
 # ------------------------------------------------ bad data through the trainer
@@ -293,9 +291,9 @@ def test_skipped_records_are_counted_in_the_epoch_report(tmp_path, embedded_cach
         train={"batch_size": 4, "checkpoint_every_steps": 0})
     trainer = Trainer(config)
     lines = []
-    trainer.log.line = lines.append
+    trainer.parts.log.listeners.append(lines.append)
     result = trainer.train()
-    assert result["skipped_records"] == 2 and trainer.data.num_train == 16
+    assert result["skipped_records"] == 2 and trainer.parts.data.num_train == 16
     warning = next(l for l in lines if "--skip_bad_records left out 2 records" in l)
     assert "train-00000-of-00001.tfrecord record 16: image does not decode" in warning
     assert "val-00000-of-00001.tfrecord record 5: image does not decode" in warning

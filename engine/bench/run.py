@@ -127,17 +127,17 @@ class _Run:
         self.phases: Dict[int, str] = {}  # id(trainer) -> the phase it was entered in
         self.phase = freeze.FROZEN if config.freeze.unfreeze_at > 0 else freeze.UNFROZEN
         self.trainer = self.new_trainer(config, self.phase)
-        self.config = c = self.trainer.config
+        self.config = c = self.trainer.parts.config
         self.k = c.train.steps_per_loop
         self.arms: List[Arm] = []
         self.comparisons: List[Comparison] = []
 
         def epoch_dataset():
-            t = self.trainer
-            return t.data.train_dataset(
-                epoch=0, global_batch=c.train.batch_size // t.num_workers,
+            p = self.trainer.parts
+            return p.data.train_dataset(
+                epoch=0, global_batch=c.train.batch_size // p.num_workers,
                 input_size=c.model.input_size, seed=c.train.seed, augment=c.data.augment,
-                num_shards=t.num_workers, shard_index=t.worker_index)
+                num_shards=p.num_workers, shard_index=p.worker_index)
 
         # Synthetic: the first real batch, kept in memory and repeated.
         self.first_batch = next(iter(epoch_dataset()))
@@ -265,8 +265,8 @@ def _count_flops(run: _Run):
     for arm in run.arms:
         phase = run.phase_of(arm)
         if phase not in flops:
-            flops[phase] = flop_count.train_step_flops(arm.trainer.model, arm.trainer.loss_fn,
-                                                       images, labels)
+            flops[phase] = flop_count.train_step_flops(arm.trainer.parts.model,
+                                                       arm.trainer.parts.loss_fn, images, labels)
     return flops, time.perf_counter() - tic
 
 
@@ -359,10 +359,10 @@ def _arm_record(run: _Run, arm: Arm, common: dict, step_flops: Dict[str, int],
     achieved = step_flops["step"] * s["median"]
     rec = {"arm": arm.name, "engine": "tapeworks" if arm.kind == "engine" else "keras_fit",
            **common,
-           "strategy": t.config.train.strategy,
-           "replicas": int(t.strategy.num_replicas_in_sync),
+           "strategy": t.parts.config.train.strategy,
+           "replicas": int(t.parts.strategy.num_replicas_in_sync),
            "frozen": run.phase_of(arm) == freeze.FROZEN,
-           "ema_decay": t.config.train.ema_decay,
+           "ema_decay": t.parts.config.train.ema_decay,
            # The arm's own: a bf16 or xla arm's trainer differs from the run's.
            "precision": precision.POLICIES[t.parts.config.train.mixed_precision],
            "jit_compile": t.parts.config.train.jit_compile,

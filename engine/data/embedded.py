@@ -105,8 +105,11 @@ def generate(n, rng):
     return np.clip(np.rint(images), 0, 255).astype(np.uint8), label_lists
 
 
-def ensure(cache_dir):
+def ensure(cache_dir, num_train=NUM_TRAIN, num_val=NUM_VAL):
     """Return the dataset directory, creating it atomically on first use.
+
+    num_train, num_val: the split sizes to generate (the stored set has the
+    defaults; a smaller set builds in a moment for a tool or a test).
 
     Two processes may race here: each writes into its own temp dir inside
     cache_dir and renames it into place; the loser deletes its copy and uses
@@ -122,7 +125,7 @@ def ensure(cache_dir):
         rng = np.random.default_rng(GENERATOR_SEED)
         meta = {"version": 1, "generator_seed": GENERATOR_SEED, "image_size": SIZE,
                 "label_names": LABEL_NAMES}
-        for split, n, shards in (("train", NUM_TRAIN, TRAIN_SHARDS), ("val", NUM_VAL, VAL_SHARDS)):
+        for split, n, shards in (("train", num_train, TRAIN_SHARDS), ("val", num_val, VAL_SHARDS)):
             images, labels = generate(n, rng)
             write_tfrecords(os.path.join(tmp, split), images, labels,
                             names=[f"{split}_{i:05d}" for i in range(n)], num_shards=shards)

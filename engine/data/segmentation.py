@@ -207,10 +207,10 @@ class _SegSource(DataSource):
 class _SegTFRecordSource(_SegSource):
     def __init__(self, files, **kw):
         super().__init__(**kw)
-        self._files = files
+        self.files = files  # split -> the TFRecord files read, in order
 
     def _elements(self, split):
-        return tfrecord.file_records(self._files[split])
+        return tfrecord.file_records(self.files[split])
 
     def _pair(self, serialized, filename, index):
         ex = tf.io.parse_single_example(serialized, _FEATURES)
