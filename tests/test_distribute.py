@@ -231,6 +231,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_worker_processes_end_with_identical_weights(tmp_path, embedded_cache):
     from engine.data import embedded
     embedded.ensure(embedded_cache)  # made once here, not raced by two workers

@@ -220,6 +220,7 @@ def _cli(*args, timeout=240):
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
+@pytest.mark.slow
 def test_cli_trains_then_predicts_a_folder_through_the_flagfile(tmp_path, embedded_cache):
     """The README flow: a tiny run, then --mode=predict --flagfile=RUN/flags.txt."""
     from engine.data.tfrecord import file_records, parse_image

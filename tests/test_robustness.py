@@ -94,6 +94,7 @@ def _all_saved_tensors_finite_and_readable(model_dir):
                 assert np.all(np.isfinite(value)), (prefix, name)
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_moments_always_resumes(tmp_path, embedded_cache):
     embedded.ensure(embedded_cache)  # made here, never half-made by a killed run
     model_dir = tmp_path / "run"
@@ -166,6 +167,7 @@ def _final_tensors(model_dir):
             if k.endswith(suffix) and not k.startswith("save_counter")}
 
 
+@pytest.mark.slow
 def test_gradual_unfreeze_killed_inside_each_phase_ends_bit_identical(tmp_path, embedded_cache):
     """kill -9 as soon as a checkpoint inside each phase is on disk (steps 1-4 frozen, 5-8 the top
     block, 9-12 all), each time resuming with the same command; the last run finishes. Its
@@ -307,6 +309,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_worker_stops_both_at_the_same_step(tmp_path, embedded_cache):
     """Without agreement the preempted worker would leave and the other hang in its next
     all-reduce; with it both save the same step and exit with EXIT_PREEMPTED."""
