@@ -32,13 +32,11 @@ a mean IoU of about 0.7 / 4. The generator seed is fixed; the stored copy is
 
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 import tensorflow as tf
 
-from engine.data import csv_source, tfrecord
+from engine.data import csv_source, embedded, tfrecord
 from engine.data.errors import DataError
 from engine.data.decode import decode_for_eval
 from engine.data.source import AUTOTUNE, DataSource, flip_rows
@@ -125,36 +123,21 @@ def write_seg_tfrecords(path_prefix, images, masks, names=None, num_shards=1):
 
 def ensure_embedded(cache_dir):
     """The embedded segmentation set's directory, created atomically on first use."""
-    final = os.path.join(cache_dir, DIRNAME)
-    if os.path.isfile(os.path.join(final, "meta.json")):
-        return final
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{DIRNAME}.tmp-", dir=cache_dir)
-    try:
-        os.chmod(tmp, 0o755)
+    def fill(directory):
         rng = np.random.default_rng(GENERATOR_SEED)
         meta = {"version": 1, "generator_seed": GENERATOR_SEED, "image_size": SIZE,
                 "class_names": CLASS_NAMES}
         for split, n, shards in (("train", NUM_TRAIN, TRAIN_SHARDS), ("val", NUM_VAL, VAL_SHARDS)):
             images, masks = generate(n, rng)
-            write_seg_tfrecords(os.path.join(tmp, split), images, masks,
+            write_seg_tfrecords(os.path.join(directory, split), images, masks,
                                 names=[f"{split}_{i:05d}" for i in range(n)], num_shards=shards)
             counts = np.bincount(masks.reshape(-1), minlength=len(CLASSES))
             meta[f"num_{split}"] = n
             meta[f"{split}_pixel_counts"] = [int(c) for c in counts]
             meta[f"{split}_class_share"] = [round(float(c) / counts.sum(), 4) for c in counts]
-        with open(os.path.join(tmp, "labels.txt"), "w") as fh:
-            fh.write("\n".join(CLASS_NAMES) + "\n")
-        with open(os.path.join(tmp, "meta.json"), "w") as fh:
-            json.dump(meta, fh, indent=1)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not os.path.isfile(os.path.join(final, "meta.json")):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+        return meta
+
+    return embedded.build_once(cache_dir, DIRNAME, fill, CLASS_NAMES)
 
 
 # ------------------------------------------------------------------ reading
