@@ -84,7 +84,7 @@ def _main(argv, signals: Optional[StopSignals]) -> int:
               "checkpoint", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as e:  # noqa: BLE001
-        line = _one_line(e, config)
+        line = user_error_line(e, config)
         if line is None:
             raise  # a bug: keep the traceback
         print(f"error: {line}", file=sys.stderr)
@@ -92,8 +92,13 @@ def _main(argv, signals: Optional[StopSignals]) -> int:
     return 0
 
 
-def _one_line(e: Exception, config) -> Optional[str]:
-    """The one line for an error a user can act on (principle 6), None for anything else."""
+def user_error_line(e: Exception, config=None) -> Optional[str]:
+    """The one line for an error a user can act on (principle 6), None for anything else.
+
+    What the CLI prints after "error: " before exiting 2; None means a bug,
+    which keeps its traceback. config: the run's Config, when one was made
+    (it names the flag of a path in a file-system error).
+    """
     if isinstance(e, (run_dir.RunDirError, ConfigError)):  # first: no TensorFlow import
         return str(e)
     line = file_system_error(e, config)

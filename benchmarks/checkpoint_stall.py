@@ -42,7 +42,7 @@ def main(_):
     trainer = Trainer(config)
     trainer.restore()
     trainer.enter_phase(freeze.UNFROZEN)
-    data = trainer.data.train_dataset(epoch=0, global_batch=FLAGS.batch_size,
+    data = trainer.parts.data.train_dataset(epoch=0, global_batch=FLAGS.batch_size,
                                       input_size=config.model.input_size, seed=0).repeat()
     iterator = iter(data)
 
@@ -63,7 +63,7 @@ def main(_):
             trainer.checkpointer.rolling.save(options=opts)
             step()
             results[name].append(time.perf_counter() - t)
-    trainer.checkpoint.sync() if hasattr(trainer.checkpoint, "sync") else None
+    trainer.parts.checkpoint.sync() if hasattr(trainer.parts.checkpoint, "sync") else None
     base = statistics.median(results["plain step"])
     size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(model_dir) for f in fs)
     print(f"{FLAGS.backbone}: checkpoint {size / 2**20:.0f} MiB on disk (two kept); "

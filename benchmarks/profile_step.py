@@ -90,14 +90,14 @@ def main(argv):
                                       summary_every=0)).validated()
     trainer = Trainer(config)
     trainer.enter_phase(freeze.UNFROZEN)
-    batch = next(iter(trainer.data.train_dataset(epoch=0, global_batch=FLAGS.batch_size,
+    batch = next(iter(trainer.parts.data.train_dataset(epoch=0, global_batch=FLAGS.batch_size,
                                                  input_size=FLAGS.input_size, seed=0)))
     synthetic = tf.data.Dataset.from_tensors(batch).repeat()
-    schedule = make_schedule(config.optimizer, trainer.steps_per_epoch, config.train.epochs)
+    schedule = make_schedule(config.optimizer, trainer.parts.steps_per_epoch, config.train.epochs)
     optimizer = make_keras_optimizer(config.optimizer, schedule, name="bare")
     keras_optimizer = make_keras_optimizer(config.optimizer, schedule, name="keras", fused=False)
     arms = [EngineArm("engine", "synthetic", trainer, synthetic, k)]
-    for name, run_steps in bare_loops(trainer.model, trainer.loss_fn, optimizer,
+    for name, run_steps in bare_loops(trainer.parts.model, trainer.parts.loss_fn, optimizer,
                                       keras_optimizer).items():
         arms.append(LoopArm(name, "synthetic", run_steps, synthetic, k))
     arms.append(FitArm(trainer, synthetic, k))

@@ -71,7 +71,7 @@ def build(n, devices, model_dir):
                           summary_every=0, strategy="mirrored")).validated()
     trainer = Trainer(config, strategy=distribute.mirrored_strategy(devices[:n]))
     trainer.enter_phase(freeze.UNFROZEN)
-    first = next(iter(trainer.data.train_dataset(epoch=0, global_batch=batch,
+    first = next(iter(trainer.parts.data.train_dataset(epoch=0, global_batch=batch,
                                                  input_size=FLAGS.input_size, seed=0)))
     return trainer, first, tf.data.Dataset.from_tensors(first).repeat()
 

@@ -103,7 +103,7 @@ class Checkpointer:
 
     def save(self, manager) -> None:
         """Saves the named state, after checking it is finite."""
-        step = int(self.parts.global_step.numpy())
+        step = int(self.parts.counters.global_step.numpy())
         if not self._state_is_finite():
             # The guard keeps non-finite gradients out, but a finite update
             # can still overflow a weight; such a state is never saved.
@@ -195,22 +195,23 @@ class Rollback:
         --max_rollbacks are used up.
         """
         p, c = self.parts, self.parts.config.train
-        done = int(p.rollbacks.numpy())
+        done = int(p.counters.rollbacks.numpy())
         path = self._last_good_state() if done < c.max_rollbacks else None
         if path is None:
             raise TrainingDiverged(
                 f"training diverged: {why}, after {done} rollback(s) (--max_rollbacks="
                 f"{c.max_rollbacks}); {self.diagnose()}; try a lower --learning_rate, "
                 f"--global_clipnorm, or check the input data")
-        lr_scale = float(p.lr_scale.numpy()) * c.bad_step_lr_factor
+        lr_scale = float(p.counters.lr_scale.numpy()) * c.bad_step_lr_factor
         bad_steps = int(p.guard.bad_steps.numpy())
         p.state.restore(path)
         self._since_save += 1
-        p.lr_scale.assign(lr_scale)
-        p.rollbacks.assign(done + 1)
+        p.counters.lr_scale.assign(lr_scale)
+        p.counters.rollbacks.assign(done + 1)
         p.guard.bad_steps.assign(bad_steps)
         p.guard.consecutive.assign(0)
-        return (f"WARNING: {why}; rolled back to {path} (step {int(p.global_step.numpy())}), "
+        step = int(p.counters.global_step.numpy())
+        return (f"WARNING: {why}; rolled back to {path} (step {step}), "
                 f"learning rate x{c.bad_step_lr_factor:g} (now x{lr_scale:.3g} of the "
                 f"schedule); rollback {done + 1} of {c.max_rollbacks}")
 
@@ -304,14 +305,14 @@ class BNCalibration:
     def once(self) -> Optional[str]:
         """Calibrates a fresh run before its first phase; returns the log line (None: nothing)."""
         p = self.parts
-        if int(p.bn_calibrated.numpy()) != 0:
+        if int(p.counters.bn_calibrated.numpy()) != 0:
             return None
         steps = p.config.bn_calibration_steps()
         if steps == 0:
-            p.bn_calibrated.assign(-1)
+            p.counters.bn_calibrated.assign(-1)
             return None
         done, seconds = self.calibrate(steps)
-        p.bn_calibrated.assign(done if done else -1)
+        p.counters.bn_calibrated.assign(done if done else -1)
         if p.ema is not None:
             p.ema.reset()  # a fresh run: nothing averaged yet
         why = ("--calibrate_bn_steps=auto: random init" if p.config.train.calibrate_bn_steps < 0

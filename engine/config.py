@@ -38,7 +38,7 @@ TASKS = ("multilabel", "multiclass", "segmentation")
 SEG_MODELS = ("unet", "deeplabv3plus")  # --task=segmentation (models/segmentation.py)
 BENCHMARK_INPUTS = ("synthetic", "real", "both")
 # --benchmark_compare: a comma list of these (engine/bench/run.py runs them side by side).
-BENCHMARK_COMPARES = ("none", "keras_fit", "ema", "frozen", "mirrored1", "k1")
+BENCHMARK_COMPARES = ("none", "keras_fit", "ema", "frozen", "mirrored1", "k1", "bf16", "xla")
 # --mixed_precision: Keras mixed policies; float16 adds dynamic loss scaling (precision.py).
 MIXED_PRECISIONS = ("float32", "bfloat16", "float16")
 # The embedded images are 64x64, so larger inputs only cost time; InceptionV3
@@ -518,9 +518,14 @@ class BenchmarkConfig:
     compare: str = setting(
         "none", "none, or a comma list of: keras_fit (Keras model.fit, same model and data), ema "
         "(EMA on vs off), frozen (frozen vs unfrozen phase), mirrored1 (one-replica "
-        "MirroredStrategy vs default), k1 (1 step per call vs --steps_per_loop); all timed side "
-        "by side, alternated.", flag="benchmark_compare", aliases=("compare",),
+        "MirroredStrategy vs default), k1 (1 step per call vs --steps_per_loop), bf16 (bfloat16 "
+        "vs float32), xla (--jit_compile on vs off); all timed side by side, alternated.",
+        flag="benchmark_compare", aliases=("compare",),
         parse=_empty_means("none"), check=_compare_list)
+    xla_steps_per_loop: int = setting(
+        0, "Steps per call of the xla comparison's arm (0: --steps_per_loop). A window is whole "
+        "calls, so where XLA is much slower fewer steps per call keep its windows short.",
+        flag="benchmark_xla_steps_per_loop", check=at_least(0))
 
     def compares(self) -> Tuple[str, ...]:
         """--benchmark_compare as a tuple of names (empty for none)."""
@@ -614,6 +619,9 @@ def _check_across(c: Config) -> None:
     if "k1" in compares and t.steps_per_loop == 1:
         raise ConfigError("--benchmark_compare=k1 compares K=1 with --steps_per_loop, "
                           "which is 1: set --steps_per_loop > 1")
+    if "bf16" in compares and t.mixed_precision == "float16":
+        raise ConfigError("--benchmark_compare=bf16 compares bfloat16 with float32: "
+                          "--mixed_precision must be float32 or bfloat16, not float16")
     if "mirrored1" in compares and t.strategy != "default":
         raise ConfigError(f"--benchmark_compare=mirrored1 compares a one-replica "
                           f"MirroredStrategy with --strategy=default, not {t.strategy}")

@@ -17,8 +17,12 @@ state, non-finite eval outputs or a loss over --max_loss_ratio x the
 baseline, the run rolls back to the last good state with a lower learning
 rate, and stops with a one-line diagnosis once --max_rollbacks are used up.
 
-The built parts read as the controller's own attributes (`controller.model`
-is `controller.parts.model`), so tools and tests reach them one way.
+Where things live: the built parts are `controller.parts` (engine/parts.py:
+`controller.parts.model`, `.data`, `.groups`, `.ema`, `.config`, ...), the
+loop counters are `controller.parts.counters` (`.global_step`, `.epoch`,
+`.bn_calibrated`, ...), and the controller's own objects are its attributes
+(`controller.checkpointer`, `.rollback`, `.phase`, `.train_loop`). Nothing is
+forwarded: a method reads `p = self.parts` at its top and says `p.model`.
 """
 from __future__ import annotations
 
@@ -42,7 +46,7 @@ from engine.steps import make_train_loop
 class Controller:
     """The run's story over built parts (see the module docstring).
 
-    ~340 lines, every method under 45: the epoch loop and the per-call host
+    ~360 lines, every method under 45: the epoch loop and the per-call host
     checks (bad steps, the loss bound, stop requests, --checkpoint_every_steps)
     read in the order they happen; the actions own everything with state.
     """
@@ -59,20 +63,6 @@ class Controller:
         self.phase_traces: Dict[str, dict] = {}  # phase -> {"count": traces}
         self.resumed_from: Optional[str] = None  # the checkpoint restore() resumed from
 
-    def __getattr__(self, name):
-        if name == "parts":  # not built yet: no recursion
-            raise AttributeError(name)
-        return getattr(self.parts, name)
-
-    def __setattr__(self, name, value):
-        # A built part set through the controller is set on the parts, where
-        # every action and builder reads it (never a shadow copy here).
-        parts = self.__dict__.get("parts")
-        if parts is not None and name not in self.__dict__ and name in parts.__dict__:
-            setattr(parts, name, value)
-        else:
-            object.__setattr__(self, name, value)
-
     # --------------------------------------------------------------- the story
     def restore(self, *, starting: bool = False) -> str:
         """Resumes, warm starts or starts fresh (engine/restore.py); returns the log line."""
@@ -87,8 +77,9 @@ class Controller:
         dir over and the settings were checked, so a refused or failing
         command never replaces the flags of the run in model_dir.
         """
+        p = self.parts
         if not self._prepare(flags_text):
-            self.log.close()
+            p.log.close()
             return {}
         self.rollback.keep_initial_state()
         try:
@@ -97,74 +88,77 @@ class Controller:
             # Also after a data error or a diverged stop: the starting state is
             # only a rollback target while this process trains.
             self.rollback.drop_initial_state()
-            self.log.close()
+            p.log.close()
 
     def _prepare(self, flags_text: Optional[str]) -> bool:
         """Everything before the first step; False when there is nothing left to train."""
-        c, p = self.config, self.parts
+        p = self.parts
+        c = p.config
         self._stop_before_training(restored=False)
         os.makedirs(p.model_dir, exist_ok=True)
         self.checkpointer.prepare()
-        self.log.line(self.restore(starting=True))
+        p.log.line(self.restore(starting=True))
         with self._naming_bad_records("train"):
             line = self.bn_calibration.once()
         if line:
-            self.log.line(line)
+            p.log.line(line)
         if p.is_chief:
             manifest.write(p.model_dir, p.settings)
             if flags_text is not None:
                 run_dir.write_atomically(os.path.join(p.model_dir, "flags.txt"), flags_text)
         self._stop_before_training()
-        self.evaluation.check_model()  # warnings go to the log through its report callback
+        p.evaluation.check_model()  # warnings go to the log through its report callback
         self._describe_data()
         with self._naming_bad_records("val"):
-            baseline = self.evaluation.baseline()
-        self.log.line("baseline (predict each label's train prevalence): " + "  ".join(
+            baseline = p.evaluation.baseline()
+        p.log.line("baseline (predict each label's train prevalence): " + "  ".join(
             f"{k}={v:.4f}" for k, v in baseline.items()))
         self.loss_bound.set_baseline(baseline.get("baseline_loss", np.inf))
-        stopped = self.callbacks.should_stop_now()
+        stopped = p.callbacks.should_stop_now()
         if stopped:
-            self.log.line(stopped + "; nothing left to train")
+            p.log.line(stopped + "; nothing left to train")
             return False
-        warning = self.phases.warning(c.train.epochs)
+        warning = p.phases.warning(c.train.epochs)
         if warning:
-            self.log.line(warning)
+            p.log.line(warning)
         self._stop_before_training()
         return True
 
     def _describe_data(self) -> None:
-        c, data = self.config, self.data
-        self.log.line(f"data: {data.description}; {self.steps_per_epoch} steps/epoch "
-                      f"of {c.train.batch_size}; replicas: {self.strategy.num_replicas_in_sync}")
+        p = self.parts
+        c, data = p.config, p.data
+        p.log.line(f"data: {data.description}; {p.steps_per_epoch} steps/epoch "
+                   f"of {c.train.batch_size}; replicas: {p.strategy.num_replicas_in_sync}")
         if c.model.task == "multilabel":
-            unused = [n for n, p in zip(self.label_names, np.asarray(data.label_prevalence))
-                      if p == 0]
+            unused = [name for name, prevalence
+                      in zip(p.label_names, np.asarray(data.label_prevalence)) if prevalence == 0]
             if unused:
-                self.log.line(
+                p.log.line(
                     f"WARNING: {len(unused)} labels have no positive example in the training "
                     f"split ({', '.join(unused[:8])}{' ...' if len(unused) > 8 else ''}): they "
                     f"cannot be learned, and their AUC and F-beta mean nothing; check "
                     f"labels.txt against the data")
         if getattr(data, "bad_records", None):
-            self.log.line(f"WARNING: --skip_bad_records left out {data.skipped_records} "
-                          f"records: " + "; ".join(data.bad_records))
+            p.log.line(f"WARNING: --skip_bad_records left out {data.skipped_records} "
+                       f"records: " + "; ".join(data.bad_records))
 
     def _train_epochs(self) -> Dict[str, float]:
         """The epochs left, each: phase, steps, evaluation, checkpoint (or a rollback)."""
-        c = self.config
+        p = self.parts
+        c = p.config
         result: Dict[str, float] = {}
-        with self.stop_signals:
-            while int(self.epoch.numpy()) < c.train.epochs:
-                epoch = int(self.epoch.numpy())
-                self.enter_phase(self.phases.phase_for_epoch(epoch).name)
+        with p.stop_signals:
+            while int(p.counters.epoch.numpy()) < c.train.epochs:
+                epoch = int(p.counters.epoch.numpy())
+                self.enter_phase(p.phases.phase_for_epoch(epoch).name)
                 try:
                     result = {**self.run_epoch(), **self._evaluate_while_training()}
-                    stop, lines = self.callbacks.on_epoch_end(result)
+                    stop, lines = p.callbacks.on_epoch_end(result)
                     self._save(result)
                 except Diverging as bad:
                     line = self.rollback.roll_back(str(bad))
-                    self.log.end_epoch(int(self.epoch.numpy()), {}, summary=False)
-                    self.log.line(line)
+                    p.log.end_epoch(int(p.counters.epoch.numpy()), {}, summary=False)
+                    p.log.line(line)
                     continue
                 self._report_epoch(epoch, result, lines)
                 if stop:
@@ -172,14 +166,15 @@ class Controller:
         return result
 
     def _report_epoch(self, epoch: int, result: Dict[str, float], lines) -> None:
-        self.log.end_epoch(epoch, result)
+        p = self.parts
+        p.log.end_epoch(epoch, result)
         for line in lines:
-            self.log.line(line)
-        step = int(self.global_step.numpy())
-        self.log.scalars("train", {k: v for k, v in result.items() if not k.startswith("val")},
-                         step)
-        self.log.scalars("eval", {**{k: v for k, v in result.items() if k.startswith("val")},
-                                  **self.evaluation.label_scalars()}, step)
+            p.log.line(line)
+        step = self._global_step()
+        p.log.scalars("train", {k: v for k, v in result.items() if not k.startswith("val")},
+                      step)
+        p.log.scalars("eval", {**{k: v for k, v in result.items() if k.startswith("val")},
+                               **p.evaluation.label_scalars()}, step)
 
     def _stop_before_training(self, restored: bool = True) -> None:
         """Between setup stages: a stop asked for before the loop runs ends the run here.
@@ -187,10 +182,9 @@ class Controller:
         Nothing is being written between stages and nothing trained yet, so
         there is nothing to save (train_main: exit 75).
         """
-        requested = self.stop_signals.requested
+        requested = self.parts.stop_signals.requested
         if requested:
-            raise stopped_before_training(
-                requested, int(self.global_step.numpy()) if restored else None)
+            raise stopped_before_training(requested, self._global_step() if restored else None)
 
     # ------------------------------------------------------------- the steps
     def enter_phase(self, phase_name: str) -> None:
@@ -200,38 +194,39 @@ class Controller:
         the boundary here, as the uninterrupted run did: the EMA first learns
         what that phase trained, so only what starts changing now restarts.
         """
-        c = self.config
-        phase = self.phases.named(phase_name)
-        before = self.phases.phase_before(phase, self.phase, int(self.unfrozen.numpy()))
-        self.unfrozen.assign(phase.index)
+        p = self.parts
+        c = p.config
+        phase = p.phases.named(phase_name)
+        before = p.phases.phase_before(phase, self.phase, int(p.counters.unfrozen.numpy()))
+        p.counters.unfrozen.assign(phase.index)
         if phase.name == self.phase:
             return
         switching = before is not None
-        if self.ema is not None and switching and self.phase is None:
-            freeze.apply_phase(self.model, before.name, thawed=before.thawed,
+        if p.ema is not None and switching and self.phase is None:
+            freeze.apply_phase(p.model, before.name, thawed=before.thawed,
                                freeze_bn=c.freeze.freeze_bn)
-            self.ema.start_phase(freeze.changing_weights(self.model), reset_new=False)
-        freeze.apply_phase(self.model, phase.name, thawed=phase.thawed,
+            p.ema.start_phase(freeze.changing_weights(p.model), reset_new=False)
+        freeze.apply_phase(p.model, phase.name, thawed=phase.thawed,
                            freeze_bn=c.freeze.freeze_bn)
-        trainable = {id(v) for v in self.model.trainable_variables}
+        trainable = {id(v) for v in p.model.trainable_variables}
         phase_variables = {name: [v for v in g.variables if id(v) in trainable]
-                           for name, g in self.groups.items()}
+                           for name, g in p.groups.items()}
         after_step = None
-        if self.ema is not None:
-            self.ema.start_phase(freeze.changing_weights(self.model), reset_new=switching)
-            after_step = self.ema.update
+        if p.ema is not None:
+            p.ema.start_phase(freeze.changing_weights(p.model), reset_new=switching)
+            after_step = p.ema.update
         self.train_loop, self.phase_traces[phase.name] = make_train_loop(
-            model=self.model, loss_fn=self.loss_fn, groups=self.groups,
-            phase_variables=phase_variables, strategy=self.strategy,
-            global_batch=c.train.batch_size, local_replicas=self.local_replicas,
-            global_step=self.global_step, global_clipnorm=c.optimizer.global_clipnorm,
+            model=p.model, loss_fn=p.loss_fn, groups=p.groups,
+            phase_variables=phase_variables, strategy=p.strategy,
+            global_batch=c.train.batch_size, local_replicas=p.local_replicas,
+            global_step=p.counters.global_step, global_clipnorm=c.optimizer.global_clipnorm,
             after_step=after_step, clipnorm=c.optimizer.clipnorm,
-            clipvalue=c.optimizer.clipvalue, guard=self.guard, summaries=self.summaries,
-            loss_scale=self.loss_scale, jit_compile=c.train.jit_compile)
+            clipvalue=c.optimizer.clipvalue, guard=p.guard, summaries=p.summaries,
+            loss_scale=p.loss_scale, jit_compile=c.train.jit_compile)
         self.phase = phase.name
         if switching or phase.frozen:
-            self.log.line(f"phase: {phase.name} ({sum(len(v) for v in phase_variables.values())} "
-                          f"trainable variables)")
+            p.log.line(f"phase: {phase.name} ({sum(len(v) for v in phase_variables.values())} "
+                       f"trainable variables)")
 
     def feed(self, dataset):
         """What run_steps iterates: dataset's worker batches, one slice per replica.
@@ -252,57 +247,61 @@ class Controller:
 
     def run_epoch(self) -> Dict[str, float]:
         """Runs the rest of the current epoch, from the saved position on."""
-        c = self.config
-        epoch, start = int(self.epoch.numpy()), int(self.step_in_epoch.numpy())
+        p = self.parts
+        c = p.config
+        epoch, start = int(p.counters.epoch.numpy()), int(p.counters.step_in_epoch.numpy())
         iterator = self._epoch_iterator(epoch, start)
-        self.log.start_epoch(epoch, c.train.epochs, self.steps_per_epoch, start, self.phase)
+        p.log.start_epoch(epoch, c.train.epochs, p.steps_per_epoch, start, self.phase)
         losses, t0, step = [], time.perf_counter(), start
-        bad_at_start = int(self.guard.bad_steps.numpy())
-        while step < self.steps_per_epoch:
+        bad_at_start = int(p.guard.bad_steps.numpy())
+        while step < p.steps_per_epoch:
             k = self._steps_in_next_call(step)
             loss, good = self._run_call(iterator, k)
             step += k
-            self.step_in_epoch.assign(step)
+            p.counters.step_in_epoch.assign(step)
             if good:
                 losses.append((loss, good))  # the mean over the call's good steps
             self._after_call(epoch, step)
-        self.epoch.assign_add(1)
-        self.step_in_epoch.assign(0)
+        p.counters.epoch.assign_add(1)
+        p.counters.step_in_epoch.assign(0)
         return self._epoch_stats(losses, step - start, time.perf_counter() - t0, bad_at_start)
 
     def _epoch_iterator(self, epoch: int, start: int):
-        c = self.config
-        dataset = self.data.train_dataset(
-            epoch=epoch, global_batch=c.train.batch_size // self.num_workers,
+        p = self.parts
+        c = p.config
+        dataset = p.data.train_dataset(
+            epoch=epoch, global_batch=c.train.batch_size // p.num_workers,
             input_size=c.model.input_size, seed=c.train.seed, skip_batches=start,
-            augment=c.data.augment, num_shards=self.num_workers, shard_index=self.worker_index)
-        with self.strategy.scope():
-            self.guard.keep_batches(dataset.element_spec)  # before the step is traced
+            augment=c.data.augment, num_shards=p.num_workers, shard_index=p.worker_index)
+        with p.strategy.scope():
+            p.guard.keep_batches(dataset.element_spec)  # before the step is traced
         return iter(self.feed(dataset))
 
     def _steps_in_next_call(self, step: int) -> int:
         """--steps_per_loop, cut at the epoch's end and at the next --checkpoint_every_steps."""
-        t = self.config.train
-        k = min(t.steps_per_loop, self.steps_per_epoch - step)
+        p = self.parts
+        t = p.config.train
+        k = min(t.steps_per_loop, p.steps_per_epoch - step)
         if t.checkpoint_every_steps:
             every = t.checkpoint_every_steps
-            k = min(k, every - int(self.global_step.numpy()) % every)
+            k = min(k, every - self._global_step() % every)
         return k
 
     def _run_call(self, iterator, k: int):
         """One traced call of k steps, then the host-side checks; returns (loss, good steps)."""
-        max_bad = self.config.train.max_bad_steps
+        p = self.parts
+        max_bad = p.config.train.max_bad_steps
         tic = time.perf_counter()
-        bad_before = int(self.guard.bad_steps.numpy())
+        bad_before = int(p.guard.bad_steps.numpy())
         with self._summary_writer(), self._naming_bad_records("train"):
             loss, norm = self.run_steps(iterator, k)
             loss = float(loss)  # one host sync per call
-        step = int(self.global_step.numpy())
-        bad = int(self.guard.bad_steps.numpy()) - bad_before
-        in_a_row = int(self.guard.consecutive.numpy())
-        self.evaluation.observe_grad_norm(float(norm), steps=k, step=step)
+        step = self._global_step()
+        bad = int(p.guard.bad_steps.numpy()) - bad_before
+        in_a_row = int(p.guard.consecutive.numpy())
+        p.evaluation.observe_grad_norm(float(norm), steps=k, step=step)
         rate = k / max(time.perf_counter() - tic, 1e-9)
-        self.log.advance(k, loss, rate)
+        p.log.advance(k, loss, rate)
         self._host_summaries(k, rate)
         if max_bad and in_a_row >= max_bad:
             raise Diverging(f"{in_a_row} steps in a row with a non-finite loss, gradient or "
@@ -312,44 +311,47 @@ class Controller:
 
     def _after_call(self, epoch: int, step: int) -> None:
         """A stop request saves and stops here; --checkpoint_every_steps saves here."""
-        every = self.config.train.checkpoint_every_steps
+        p = self.parts
+        every = p.config.train.checkpoint_every_steps
         requested = self.stop_vote.requested()
-        if requested and step < self.steps_per_epoch:
+        if requested and step < p.steps_per_epoch:
             self.checkpointer.save_rolling()
-            self.log.end_epoch(epoch, {}, summary=False)
-            raise Preempted(f"stopped by {requested} at step {int(self.global_step.numpy())} "
+            p.log.end_epoch(epoch, {}, summary=False)
+            raise Preempted(f"stopped by {requested} at step {self._global_step()} "
                             f"(epoch {epoch + 1}, batch {step}); checkpoint saved: run the same "
                             f"command to resume")
-        if every and int(self.global_step.numpy()) % every == 0 and step < self.steps_per_epoch:
+        if every and self._global_step() % every == 0 and step < p.steps_per_epoch:
             self.checkpointer.save_rolling()
 
     def _epoch_stats(self, losses, done: int, seconds: float, bad_at_start: int):
+        p = self.parts
         mean_loss = (sum(l * k for l, k in losses) / sum(k for _, k in losses) if losses
                      else float("nan"))
         out = {"loss": mean_loss, "steps_per_sec": done / max(seconds, 1e-9),
-               "lr": float(self.schedule(self.global_step) * self.lr_scale)}
-        bad_steps = int(self.guard.bad_steps.numpy()) - bad_at_start
+               "lr": float(p.schedule(p.counters.global_step) * p.counters.lr_scale)}
+        bad_steps = int(p.guard.bad_steps.numpy()) - bad_at_start
         if bad_steps:
             out["bad_steps"] = bad_steps
-        if self.loss_scale is not None:
-            out["loss_scale"] = float(self.loss_scale.scale.numpy())
-        skipped = getattr(self.data, "skipped_records", 0)
+        if p.loss_scale is not None:
+            out["loss_scale"] = float(p.loss_scale.scale.numpy())
+        skipped = getattr(p.data, "skipped_records", 0)
         if skipped:
             out["skipped_records"] = skipped
         return out
 
     def _summary_writer(self):
         """The TensorBoard writer the traced step writes to (chief only)."""
-        if not (self.log.enabled and self.summaries.enabled):
+        p = self.parts
+        if not (p.log.enabled and p.summaries.enabled):
             return contextlib.nullcontext()
-        return self.log.writer("train").as_default()
+        return p.log.writer("train").as_default()
 
     def _host_summaries(self, k: int, steps_per_sec: float) -> None:
         """steps/sec, measured on the host, once per --summary_every steps."""
-        every = self.config.train.summary_every
-        step = int(self.global_step.numpy())
+        every = self.parts.config.train.summary_every
+        step = self._global_step()
         if every and step // every != (step - k) // every:
-            self.log.scalars("train", {"health/steps_per_sec": steps_per_sec}, step)
+            self.parts.log.scalars("train", {"health/steps_per_sec": steps_per_sec}, step)
 
     # ------------------------------------------------------------------ eval
     def evaluate(self, save: bool = True) -> Dict[str, float]:
@@ -358,20 +360,21 @@ class Controller:
         save: write the searched thresholds to model_dir/thresholds.json
         (False for --mode=eval, which writes nothing into model_dir).
         """
+        p = self.parts
         with self._naming_bad_records("val"):
-            out = self.evaluation.run("val", save=save and self.is_chief)
-            if self.ema is not None and self.config.train.eval_with_ema:
-                with self.ema.swapped():  # puts the raw weights and statistics back exactly
-                    if self.config.train.ema_calibrate_bn:
-                        self.bn_calibration.calibrate(self.config.ema_calibration_steps())
+            out = p.evaluation.run("val", save=save and p.is_chief)
+            if p.ema is not None and p.config.train.eval_with_ema:
+                with p.ema.swapped():  # puts the raw weights and statistics back exactly
+                    if p.config.train.ema_calibrate_bn:
+                        self.bn_calibration.calibrate(p.config.ema_calibration_steps())
                     # its own thresholds (thresholds_ema.json): export serves the EMA weights
-                    out.update(self.evaluation.run("val_ema", save=save and self.is_chief,
-                                                   weights="ema"))
+                    out.update(p.evaluation.run("val_ema", save=save and p.is_chief,
+                                                weights="ema"))
         return out
 
     def _evaluate_while_training(self) -> Dict[str, float]:
         """evaluate(), with outputs that diverged handed to Rollback instead of an error."""
-        step = int(self.global_step.numpy())
+        step = self._global_step()
         try:
             out = self.evaluate()
         except NonFiniteOutputs:
@@ -388,7 +391,7 @@ class Controller:
             yield
         except (tf.errors.InvalidArgumentError, tf.errors.DataLossError,
                 tf.errors.NotFoundError) as e:
-            explain = getattr(self.data, "explain_error", None)
+            explain = getattr(self.parts.data, "explain_error", None)
             error = explain(split, e) if explain is not None else None
             if error is None:
                 raise
@@ -401,5 +404,10 @@ class Controller:
         self.checkpointer.save_rolling()
         requested = self.stop_vote.requested()
         if requested:
-            raise Preempted(f"stopped by {requested} after epoch {int(self.epoch.numpy())}; "
+            epoch = int(self.parts.counters.epoch.numpy())
+            raise Preempted(f"stopped by {requested} after epoch {epoch}; "
                             f"checkpoint saved: run the same command to resume")
+
+    def _global_step(self) -> int:
+        """The steps trained so far, as a Python int (one host read)."""
+        return int(self.parts.counters.global_step.numpy())

@@ -67,14 +67,14 @@ _DEFINE = {"string": flags.DEFINE_string, "integer": flags.DEFINE_integer,
            "float": flags.DEFINE_float, "boolean": flags.DEFINE_boolean,
            "list": flags.DEFINE_list}
 _SECTIONS: Dict[str, List[str]] = {}  # --help: section title -> flag names, in order
-_ALIASES: Dict[str, str] = {}  # --compare=keras_fit, --input=real: what users type
+ALIASES: Dict[str, str] = {}  # --compare=keras_fit, --input=real: what users type
 for _spec in specs():
     _DEFINE[_kind(_spec.type)](_spec.flag, _flag_default(_spec), _spec.setting.help)
     _SECTIONS.setdefault(_spec.section, []).append(_spec.flag)
-    _ALIASES.update({alias: _spec.flag for alias in _spec.setting.aliases})
+    ALIASES.update({alias: _spec.flag for alias in _spec.setting.aliases})
 for _name, _section in NOT_FIELDS.items():
     _SECTIONS[_section].insert(0, _name)
-for _alias, _name in sorted(_ALIASES.items()):
+for _alias, _name in sorted(ALIASES.items()):
     flags.DEFINE_alias(_alias, _name)
 
 
@@ -116,13 +116,13 @@ def config_from_flags(f=flags.FLAGS) -> Config:
 # --flagfile (and a saved --overwrite would wipe the run on the next use).
 NOT_SAVED = ("mode", "overwrite", "allow_changed", "export_from", "export_raw",
              "benchmark_window_s", "benchmark_windows", "benchmark_input", "benchmark_compare",
-             "predict_input", "predict_output", "predict_model")
+             "benchmark_xla_steps_per_loop", "predict_input", "predict_output", "predict_model")
 
 
 def effective_flags(f=flags.FLAGS) -> str:
     """This module's flags as a flagfile: `--flagfile=<it>` repeats the run (in any --mode)."""
     return "\n".join(flag.serialize() for flag in f.get_flags_for_module(__name__)
-                     if flag.name not in _ALIASES and flag.name not in NOT_SAVED) + "\n"
+                     if flag.name not in ALIASES and flag.name not in NOT_SAVED) + "\n"
 
 
 # What `--help` shows: the flags of the README, by section. `--helpfull` shows all.

@@ -64,19 +64,16 @@ class Counters:
 class RunParts:
     """The built parts of one run, as plain attributes (see build_parts for each one's maker).
 
-    The loop counters are also reachable directly (`parts.global_step` is
-    `parts.counters.global_step`), as the rest of the engine reads them.
+    Each part is read where it lives: `parts.model`, `parts.data`, and the
+    loop counters under `parts.counters` (`parts.counters.global_step`);
+    nothing is forwarded, so an attribute's owner is in its name. A part may
+    be replaced before a Controller is made over them (tests hand in data
+    with poisoned batches); after that, the actions hold references to them.
     """
 
     def __init__(self, config: Config):
         self.config = config
         self.model_dir = os.path.abspath(os.path.expanduser(config.train.model_dir))
-
-    def __getattr__(self, name):
-        counters = self.__dict__.get("counters")
-        if counters is not None and hasattr(counters, name):
-            return getattr(counters, name)
-        raise AttributeError(name)
 
     def write_dir(self) -> str:
         """The chief writes to model_dir; other workers to a scratch place, as TF expects."""

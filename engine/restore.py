@@ -136,7 +136,7 @@ def _start_unrestored_state(parts, report, fresh: Sequence[str]) -> List[str]:
     """
     lines = []
     if "train/bn_calibrated" in report.missing:  # a run from before calibration existed:
-        parts.bn_calibrated.assign(-1)           # never calibrated mid-run
+        parts.counters.bn_calibrated.assign(-1)  # never calibrated mid-run
     if any(k.startswith("model/head/logits/") for k in fresh):
         init_head_bias_to_prior(parts)
         lines.append("the head's logits layer starts fresh (--allow_changed)")

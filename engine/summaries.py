@@ -8,7 +8,7 @@ from __future__ import annotations
 import csv
 import os
 import sys
-from typing import Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
@@ -26,6 +26,8 @@ class RunLog:
         self.model_dir = model_dir
         self.progress = progress
         self.enabled = enabled  # False on non-chief workers
+        # Callables that also get every line printed (a tool or test keeping the log).
+        self.listeners: List[Callable[[str], None]] = []
         self.csv_path = os.path.join(model_dir, "metrics.csv")
         self._writers: Dict[str, object] = {}
         self._bar: Optional[tqdm] = None
@@ -69,6 +71,8 @@ class RunLog:
         if self.enabled:
             tqdm.write(text, file=sys.stdout)
             sys.stdout.flush()
+            for listener in self.listeners:
+                listener(text)
 
     def _append_csv(self, epoch: int, row: Dict[str, float]) -> None:
         """Rewrites rows of this epoch and later (a resumed run repeats them)."""

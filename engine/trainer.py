@@ -5,6 +5,12 @@
 The one-call entry point train_main.py and the tests use. What a run is
 built from is engine/parts.py; the story it runs, top to bottom, is
 engine/controller.py; the traced step is engine/steps.py.
+
+A part is reached through `trainer.parts` (`trainer.parts.model`,
+`trainer.parts.data`, `trainer.parts.config`), a loop counter through
+`trainer.parts.counters` (`trainer.parts.counters.global_step`); the
+controller's own objects are its attributes (`trainer.checkpointer`,
+`trainer.phase`). There is no forwarding: `trainer.model` does not exist.
 """
 from __future__ import annotations
 

@@ -188,8 +188,20 @@ def set_synchronized_bn(model):
     return count
 
 
+def configure_batch_norm(model, *, synchronized: bool, momentum=None) -> None:
+    """Every BatchNormalization of `model`: synchronized across replicas, and
+    --bn_momentum when given (the classifier and the segmentation builders alike)."""
+    if synchronized:
+        set_synchronized_bn(model)
+    if momentum is None:
+        return
+    if not 0.0 <= momentum < 1.0:
+        raise ModelError(f"--bn_momentum={momentum} must be in [0, 1)")
+    for layer in _all_layers(model):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = float(momentum)
+
+
 def _all_layers(model):
-    for layer in model.layers:
-        yield layer
-        if isinstance(layer, keras.Model):
-            yield from _all_layers(layer)
+    """Every layer inside `model`, however deeply nested (Keras' own walk)."""
+    return model._flatten_layers(include_self=False)

@@ -11,7 +11,7 @@ import numbers
 
 import keras
 
-from models.backbones import build_backbone, set_synchronized_bn, validate
+from models.backbones import build_backbone, configure_batch_norm, validate
 from models.errors import ModelError
 from models.preprocess import make_preprocess
 from models.segmentation import build_segmentation_model
@@ -84,12 +84,5 @@ def build_model(
     x = make_preprocess(backbone)(inputs)
     logits = head(base(x))
     model = keras.Model(inputs, logits, name="tapeworks")
-    if sync_bn:
-        set_synchronized_bn(model)
-    if bn_momentum is not None:
-        if not 0.0 <= bn_momentum < 1.0:
-            raise ModelError(f"--bn_momentum={bn_momentum} must be in [0, 1)")
-        for layer in model._flatten_layers(include_self=False):
-            if isinstance(layer, keras.layers.BatchNormalization):
-                layer.momentum = float(bn_momentum)
+    configure_batch_norm(model, synchronized=sync_bn, momentum=bn_momentum)
     return model

@@ -28,7 +28,7 @@ import warnings
 
 import keras
 
-from models.backbones import fresh_layer_names, set_synchronized_bn
+from models.backbones import configure_batch_norm, fresh_layer_names
 from models.errors import ModelError
 from models.preprocess import make_preprocess
 
@@ -204,12 +204,5 @@ def build_segmentation_model(seg_model, input_size, num_classes, *, weights=None
         inputs = keras.Input((input_size, input_size, 3), dtype="float32", name="image")
         logits = decoder(encoder(preprocess(inputs)))
         model = keras.Model(inputs, logits, name="tapeworks")
-    if sync_bn:
-        set_synchronized_bn(model)
-    if bn_momentum is not None:
-        if not 0.0 <= bn_momentum < 1.0:
-            raise ModelError(f"--bn_momentum={bn_momentum} must be in [0, 1)")
-        for layer in model._flatten_layers(include_self=False):
-            if isinstance(layer, keras.layers.BatchNormalization):
-                layer.momentum = float(bn_momentum)
+    configure_batch_norm(model, synchronized=sync_bn, momentum=bn_momentum)
     return model

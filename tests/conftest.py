@@ -48,8 +48,24 @@ def replica_runs(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def embedded_cache(tmp_path_factory):
-    """One embedded dataset for the whole session (made once, read by many tests)."""
-    return str(tmp_path_factory.mktemp("tapeworks_cache"))
+    """One embedded dataset (both tasks) for the whole run, made once and read by every test.
+
+    Under pytest-xdist each worker is a session of its own; they share the
+    run's base temp dir, and a lock makes the first worker build the sets
+    while the others wait (~17 s of CPU each on this machine, once instead
+    of once per worker).
+    """
+    import fcntl
+    from engine.data import embedded, segmentation
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    cache = shared / "tapeworks_cache"
+    cache.mkdir(exist_ok=True)
+    with open(shared / "tapeworks_cache.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        embedded.ensure(str(cache))
+        segmentation.ensure_embedded(str(cache))
+    return str(cache)
 
 
 # --- Virtual CPU devices, once for the whole session ------------------------
@@ -73,3 +89,15 @@ def _split_cpu_for_session(n=NUM_VIRTUAL_CPUS):
 
 
 _split_cpu_for_session()
+
+
+# --- The longest tests first --------------------------------------------------
+# pytest-xdist hands tests out in collection order; a multi-process test
+# (kill -9 trials, CLI runs) collected last would leave one worker running it
+# alone at the end. Tests marked `slow` (each several CLI processes) go first.
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: several processes or long training; scheduled first")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: order kept

@@ -36,13 +36,14 @@ def main(model_dir, cache_dir, out):
                           progress=False))
     trainer = Trainer(config)
     result = trainer.train()
-    resolver = trainer.strategy.cluster_resolver
-    values = {f"state/{k}": v for k, v in trainer.state.values().items()}
-    info = {"worker_info": [trainer.num_workers, trainer.worker_index, trainer.is_chief],
+    resolver = trainer.parts.strategy.cluster_resolver
+    values = {f"state/{k}": v for k, v in trainer.parts.state.values().items()}
+    p = trainer.parts
+    info = {"worker_info": [p.num_workers, p.worker_index, p.is_chief],
             "task_type": resolver.task_type, "task_id": resolver.task_id,
             "cluster": resolver.cluster_spec().as_dict(),
-            "replicas": trainer.strategy.num_replicas_in_sync,
-            "local_replicas": trainer.local_replicas,
+            "replicas": trainer.parts.strategy.num_replicas_in_sync,
+            "local_replicas": trainer.parts.local_replicas,
             "loss": result.get("loss")}
     np.savez(out, info=json.dumps(info), **values)
 

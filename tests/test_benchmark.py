@@ -16,6 +16,7 @@ from absl import flags
 
 from engine import flags as engine_flags
 from engine.bench.flops import graph_flops
+from engine.bench.machine import cpu_flags, machine_info
 from engine.bench.report import format_table, markdown_table
 from engine.bench.run import run_benchmark
 from engine.config import (BenchmarkConfig, Config, ConfigError, DataConfig, ModelConfig,
@@ -43,7 +44,7 @@ FIELDS = [
     "time_to_first_step_s", "flops_per_step", "achieved_flops_per_sec",
     "matmul_peak_flops_per_sec", "fraction_of_peak",
 ]
-ALL = "keras_fit,ema,frozen,mirrored1,k1"
+ALL = "keras_fit,ema,frozen,mirrored1,k1,bf16,xla"
 # comparison arm -> the ratio (against engine/synthetic) its record carries, in arm order
 RATIOS = {
     "engine/real": "real_over_synthetic",
@@ -53,7 +54,10 @@ RATIOS = {
     "engine/frozen": "frozen_over_unfrozen",
     "engine/mirrored1": "mirrored1_over_default",
     "engine/K=1": "k1_over_k",
+    "engine/bfloat16": "bf16_over_float32",
+    "engine/xla": "xla_over_off",
 }
+XLA_K = 2  # the xla arm's steps per call in the shared run (K = 5 for the others)
 
 
 def _config(cache, model_dir, train=None, **bench):
@@ -67,10 +71,10 @@ def _config(cache, model_dir, train=None, **bench):
 
 @pytest.fixture(scope="module")
 def full_run(embedded_cache, tmp_path_factory):
-    """Every arm at once: synthetic and real input and all five comparisons."""
+    """Every arm at once: synthetic and real input and all seven comparisons."""
     model_dir = tmp_path_factory.mktemp("bench")
     records = run_benchmark(_config(embedded_cache, model_dir, window_s=0.15, windows=2,
-                                    input="both", compare=ALL))
+                                    input="both", compare=ALL, xla_steps_per_loop=XLA_K))
     return records, model_dir
 
 
@@ -81,7 +85,10 @@ def test_records_have_the_fields_and_consistent_positive_numbers(full_run):
         missing = [f for f in FIELDS if f not in r]
         assert not missing, (r["arm"], missing)
         assert r["backbone"] == "tiny_cnn" and r["input_shape"] == [32, 32, 3]
-        assert r["global_batch"] == 8 and r["cores"] >= 1 and r["precision"] == "float32"
+        assert r["global_batch"] == 8 and r["cores"] >= 1
+        # Each record says its own arm's precision and XLA setting.
+        assert r["precision"] == ("mixed_bfloat16" if r["arm"] == "engine/bfloat16" else "float32")
+        assert r["jit_compile"] is (r["arm"] == "engine/xla"), r["arm"]
         assert len(r["window_steps_per_sec"]) == 2
         for key in ("median_steps_per_sec", "min_steps_per_sec", "max_steps_per_sec",
                     "median_examples_per_sec", "time_to_first_step_s"):
@@ -98,6 +105,7 @@ def test_records_have_the_fields_and_consistent_positive_numbers(full_run):
     arms = {r["arm"]: r for r in records}
     assert arms["engine/synthetic"]["input"] == "synthetic" and arms["engine/real"]["input"] == "real"
     assert arms["engine/synthetic"]["steps_per_loop"] == 5 and arms["engine/K=1"]["steps_per_loop"] == 1
+    assert arms["engine/xla"]["steps_per_loop"] == XLA_K
 
 
 def test_every_comparison_has_a_positive_ratio_per_round(full_run):
@@ -123,6 +131,13 @@ def test_every_comparison_has_a_positive_ratio_per_round(full_run):
     assert arms["engine/mirrored1"]["replicas"] == 1  # on a CPU the session split into 2 devices
     assert arms["engine/synthetic"]["strategy"] == "default"
     assert arms["keras_fit/spe=5"]["steps_per_execution"] == 5
+    # bf16 and XLA: a second Trainer each, against the float32, non-XLA reference.
+    assert arms["engine/bfloat16"]["ratio_label"] == "bfloat16 / float32"
+    assert arms["engine/xla"]["ratio_label"] == "XLA / no XLA (XLA at K=2, no XLA at K=5)"
+    xla = arms["engine/xla"]["window_steps_per_sec"]
+    assert arms["engine/xla"]["xla_over_off_per_window"] == pytest.approx(
+        [x / u for x, u in zip(xla, ref)])
+    assert arms["engine/xla"]["time_to_first_step_s"] > 0  # trace + XLA compile + 1 step
 
 
 def test_records_carry_measurements_only_and_the_standard_set_judges_them(full_run):
@@ -138,10 +153,15 @@ def test_records_carry_measurements_only_and_the_standard_set_judges_them(full_r
         arms["engine/ema=0.999"]["ema_over_off_median"] >= 0.97)
     assert arms["engine/mirrored1"]["mirrored1_over_default_target"] == 0.95
     assert arms["engine/real"]["real_over_synthetic_target"] == 0.95
+    # engine / fit on every backbone (issue 16): 1.10 at spe=1, 1.0 at equal steps per call.
+    assert arms["keras_fit/spe=1"]["engine_over_fit_target"] == 1.10
+    assert arms["keras_fit/spe=5"]["engine_over_fit_target"] == 1.0
     assert "frozen_over_unfrozen_target" not in arms["engine/frozen"]
     assert "fraction_of_peak_target" not in arms["engine/synthetic"]  # inceptionv3 only
-    assert len(verdicts) == 3 and all(v.endswith((": met", ": MISSED")) for v in verdicts)
-    assert markdown_table(judged).count("| target >= ") == 3
+    for arm in ("engine/bfloat16", "engine/xla", "engine/K=1"):  # reported only
+        assert not [k for k in arms[arm] if "target" in k], arm
+    assert len(verdicts) == 5 and all(v.endswith((": met", ": MISSED")) for v in verdicts)
+    assert markdown_table(judged).count("| target >= ") == 5
 
 
 def test_flop_fields_are_positive_and_consistent(full_run):
@@ -164,7 +184,7 @@ def test_flop_fields_are_positive_and_consistent(full_run):
     assert frozen["flops_per_step"] < 1.1 * frozen["forward_flops_per_step"]
     assert frozen["flops_per_step"] < unfrozen["flops_per_step"] / 2
     for arm in ("engine/real", "keras_fit/spe=1", "engine/ema=0.999", "engine/mirrored1",
-                "engine/K=1"):
+                "engine/K=1", "engine/bfloat16", "engine/xla"):
         assert arms[arm]["flops_per_step"] == unfrozen["flops_per_step"]
 
 
@@ -175,7 +195,7 @@ def test_records_are_appended_as_json_lines_and_print_as_tables(full_run):
     table = format_table(records)
     for text in ("engine/real", "real / synthetic", "EMA 0.999 / EMA off", "frozen / unfrozen",
                  "mirrored x1 / default", "K=1 / K=5", "engine / keras_fit/spe=1", "GFLOP/step",
-                 "matmul peak"):
+                 "matmul peak", "bfloat16 / float32", "XLA / no XLA"):
         assert text in table, text
     md = markdown_table(records)
     assert md.count("\n| tiny_cnn |") == len(records)
@@ -203,25 +223,32 @@ def test_graph_flops_counts_matmuls_and_the_depthwise_gradients_tf_omits():
     assert graph_flops(step, spec) == conv + (8 * 8 * 4 - 1) + 2 * conv
 
 
-def test_bfloat16_arm_runs_and_the_policy_is_restored(embedded_cache, tmp_path):
+def test_bfloat16_run_compares_with_float32_and_the_policy_is_restored(embedded_cache, tmp_path):
     records = run_benchmark(_config(embedded_cache, tmp_path, {"mixed_precision": "bfloat16"},
-                                    window_s=0.1, windows=1, compare="frozen"))
+                                    window_s=0.1, windows=1, compare="bf16"))
     assert keras.config.dtype_policy().name == "float32"
-    assert [r["arm"] for r in records] == ["engine/synthetic", "engine/frozen"]
+    assert [r["arm"] for r in records] == ["engine/synthetic", "engine/float32"]
+    assert [r["precision"] for r in records] == ["mixed_bfloat16", "float32"]
     for r in records:
-        assert r["precision"] == "mixed_bfloat16" and r["matmul_peak_dtype"] == "bfloat16"
+        assert r["matmul_peak_dtype"] == "bfloat16"  # the run's
         assert r["median_steps_per_sec"] > 0 and r["flops_per_step"] > 0
         assert r["matmul_peak_float32_flops_per_sec"] > 0
         assert r["fraction_of_peak"] == pytest.approx(
             r["achieved_flops_per_sec"] / r["matmul_peak_flops_per_sec"], rel=1e-12)
-    assert records[1]["frozen_over_unfrozen_median"] > 0
+    # Always bfloat16 over float32: here the reference over the arm.
+    ref, f32 = records[0]["window_steps_per_sec"], records[1]["window_steps_per_sec"]
+    assert records[1]["bf16_over_float32_per_window"] == pytest.approx([ref[0] / f32[0]])
 
 
-def test_jit_compile_arms_run_xla_and_say_so(embedded_cache, tmp_path):
+def test_jit_compile_run_runs_xla_and_compares_with_it_off(embedded_cache, tmp_path):
     records = run_benchmark(_config(embedded_cache, tmp_path, {"jit_compile": True}, window_s=0.1,
-                                    windows=1))
-    assert [r["jit_compile"] for r in records] == [True]
+                                    windows=1, compare="xla"))
+    assert [r["arm"] for r in records] == ["engine/synthetic", "engine/xla=off"]
+    assert [r["jit_compile"] for r in records] == [True, False]
     assert records[0]["median_steps_per_sec"] > 0
+    ref, off = records[0]["window_steps_per_sec"], records[1]["window_steps_per_sec"]
+    assert records[1]["xla_over_off_per_window"] == pytest.approx([ref[0] / off[0]])
+    assert records[1]["ratio_label"] == "XLA / no XLA"
 
 
 @pytest.mark.parametrize("bench,train,match", [
@@ -233,6 +260,9 @@ def test_jit_compile_arms_run_xla_and_say_so(embedded_cache, tmp_path):
     ({"compare": "k1"}, {"steps_per_loop": 1}, r"--benchmark_compare=k1 .* --steps_per_loop > 1"),
     ({"compare": "mirrored1"}, {"strategy": "mirrored"},
      r"--benchmark_compare=mirrored1 .* --strategy=default, not mirrored"),
+    ({"compare": "bf16"}, {"mixed_precision": "float16"},
+     r"--benchmark_compare=bf16 .* must be float32 or bfloat16, not float16"),
+    ({"xla_steps_per_loop": -1}, {}, r"--benchmark_xla_steps_per_loop=-1 must be >= 0"),
     ({}, {"mixed_precision": "fp8"}, r"--mixed_precision=fp8 is not one of float32, bfloat16"),
     ({"windows": 0}, {}, r"--benchmark_windows=0 must be >= 1"),
     ({"window_s": 0.0}, {}, r"--benchmark_window_s=0.0 must be > 0"),
@@ -245,6 +275,7 @@ def test_bad_benchmark_settings_name_the_flag(bench, train, match):
 def test_compare_lists_parse():
     assert BenchmarkConfig().compares() == ()
     assert BenchmarkConfig(compare="ema, frozen").compares() == ("ema", "frozen")
+    assert BenchmarkConfig(compare="bf16,xla").compares() == ("bf16", "xla")
     Config(benchmark=BenchmarkConfig(compare=ALL)).validated()
 
 
@@ -261,8 +292,9 @@ def _parse(argv):
 def test_benchmark_flags_map_to_config():
     c = _parse(["--mode=benchmark", "--benchmark_window_s=0.5", "--benchmark_windows=3",
                 "--benchmark_input=both", f"--benchmark_compare={ALL}",
-                "--mixed_precision=bfloat16", "--jit_compile"])
-    assert c.benchmark == BenchmarkConfig(window_s=0.5, windows=3, input="both", compare=ALL)
+                "--benchmark_xla_steps_per_loop=4", "--mixed_precision=bfloat16", "--jit_compile"])
+    assert c.benchmark == BenchmarkConfig(window_s=0.5, windows=3, input="both", compare=ALL,
+                                          xla_steps_per_loop=4)
     assert c.train.mixed_precision == "bfloat16" and c.train.jit_compile is True
     assert _parse([]).train.mixed_precision == "float32" and not _parse([]).train.jit_compile
 
@@ -278,6 +310,9 @@ def test_standard_set_dry_run_lists_one_process_per_backbone():
         assert f"--backbone={backbone} --input_size={size}" in cmd
         assert f"--benchmark_compare={ALL}" in cmd and "--benchmark_input=both" in cmd
         assert "--steps_per_loop=20" in cmd
+        assert f"--benchmark_windows={run_standard.WINDOWS[backbone]}" in cmd
+        xla_k = run_standard.XLA_STEPS_PER_LOOP[backbone]
+        assert (f"--benchmark_xla_steps_per_loop={xla_k}" in cmd) == (0 < xla_k < 20)
     assert not os.path.exists("/nonexistent")
 
 
@@ -309,13 +344,112 @@ def test_standard_set_include_of_a_missing_records_file_is_a_one_line_error(tmp_
 
 def test_targets_apply_to_the_arms_the_tracker_names():
     target_for = run_standard.target_for
-    assert target_for("engine_over_fit", "inceptionv3", "keras_fit/spe=1", 20) == 1.15
-    assert target_for("engine_over_fit", "inceptionv3", "keras_fit/spe=20", 20) == 1.0
-    assert target_for("engine_over_fit", "tiny_cnn", "keras_fit/spe=20", 20) == 1.25
-    assert target_for("engine_over_fit", "tiny_cnn", "keras_fit/spe=5", 5) is None  # K < 20
-    assert target_for("engine_over_fit", "tiny_cnn", "keras_fit/spe=1", 20) is None
-    assert target_for("engine_over_fit", "mobilenetv2", "keras_fit/spe=1", 20) is None
+    for backbone in ("tiny_cnn", "mobilenetv2", "inceptionv3"):  # issue 16: every backbone
+        assert target_for("engine_over_fit", backbone, "keras_fit/spe=1", 20) == 1.10
+        assert target_for("engine_over_fit", backbone, "keras_fit/spe=20", 20) == 1.0
+        assert target_for("ema_over_off", backbone, "engine/ema=0.999", 20) == 0.97
+        for prefix, arm in (("bf16_over_float32", "engine/bfloat16"),
+                            ("xla_over_off", "engine/xla"), ("k1_over_k", "engine/K=1")):
+            assert target_for(prefix, backbone, arm, 20) is None  # reported only
+    assert target_for("engine_over_fit", "tiny_cnn", "keras_fit/spe=5", 5) == 1.0  # any K
+    assert target_for("engine_over_fit", "tiny_cnn", "keras_fit/spe=5", 20) is None  # not K
+    assert target_for("engine_over_fit", "tiny_cnn", "keras_fit/spe=1", 1) == 1.10  # K = 1
     assert target_for("real_over_synthetic", "mobilenetv2", "engine/real", 20) == 0.95
     assert target_for("frozen_over_unfrozen", "tiny_cnn", "engine/frozen", 20) is None
     assert target_for("frozen_over_unfrozen", "inceptionv3", "engine/frozen", 20) == 3.0
-    assert target_for("k1_over_k", "inceptionv3", "engine/K=1", 20) is None
+
+
+def _record(arm, spread, **fields):
+    return {"run_id": "r1", "backbone": "mobilenetv2", "arm": arm, "steps_per_loop": 20,
+            "frozen": False, "spread_steps_per_sec": spread, **fields}
+
+
+def test_the_targets_table_judges_records_of_any_run_by_todays_targets():
+    fit = {"ratio": "engine_over_fit", "ratio_label": "engine / keras_fit/spe=1",
+           "engine_over_fit_median": 1.05, "engine_over_fit_min": 0.9,
+           "engine_over_fit_max": 1.2, "engine_over_fit_target": 1.15}  # an older verdict
+    bf16 = {"ratio": "bf16_over_float32", "ratio_label": "bfloat16 / float32",
+            **{f"bf16_over_float32_{s}": v for s, v in (("median", 0.7), ("min", 0.6),
+                                                         ("max", 0.8))}}
+    records = [_record("engine/synthetic", 0.1), _record("keras_fit/spe=1", 0.2, **fit),
+               _record("engine/bfloat16", 0.3, **bf16)]
+    lines = run_standard.judge(records)
+    assert lines == ["mobilenetv2 engine / keras_fit/spe=1 1.050  target >= 1.1: MISSED"]
+    assert records[1]["engine_over_fit_target"] == 1.10
+    assert records[1]["engine_over_fit_meets_target"] is False
+    assert not [k for k in records[2] if "target" in k]  # bf16: reported only
+    table = markdown_table([{**_MACHINE, **r} for r in records])
+    assert "| bfloat16 / float32 | 0.700 | 0.600 - 0.800 | - |" in table
+
+
+def test_of_a_run_and_its_rerun_the_quieter_is_kept():
+    noisy = [_record(a, s) for a, s in (("a", 0.2), ("b", 0.5), ("c", 0.6))]
+    quiet = [_record(a, s, run_id="r2") for a, s in (("a", 0.1), ("b", 0.2), ("c", 0.9))]
+    assert run_standard.median_spread(noisy) == 0.5
+    assert run_standard.median_spread(noisy[:2]) == pytest.approx(0.35)
+    assert 0 < run_standard.RERUN_SPREAD < 0.5  # the bound: noisy is above it
+    assert run_standard.quieter(noisy, quiet) == (quiet, noisy)
+    assert run_standard.quieter(quiet, noisy) == (quiet, noisy)
+    assert run_standard.quieter(noisy, []) == (noisy, [])  # the rerun failed
+
+
+def test_a_noisy_backbone_runs_once_more_if_the_budget_allows(monkeypatch):
+    runs = {"t": [_record(a, 0.5) for a in "abc"],
+            "t_rerun": [_record(a, 0.1, run_id="r2") for a in "abc"]}
+    calls = []
+
+    def timed_run(tag, extra, root, durations):  # no process: the records it would give
+        calls.append(tag)
+        return runs[tag], None
+
+    monkeypatch.setattr(run_standard, "timed_run", timed_run)
+    reruns = []
+    kept, failure = run_standard.run_backbone("t", [], "/x", [], reruns, bound=0.3,
+                                              seconds_left=600)
+    assert calls == ["t", "t_rerun"] and kept is runs["t_rerun"] and failure is None
+    assert reruns == ["t: median window spread 50% > 30%, run again (10%); kept run r2, "
+                      "dropped r1"]
+    # Quiet enough, reruns off, or no time left for one: the first run only.
+    for bound, left in ((0.6, 600), (0.0, 600), (0.3, -1)):
+        calls.clear()
+        kept, _ = run_standard.run_backbone("t", [], "/x", [], reruns, bound=bound,
+                                            seconds_left=left)
+        assert calls == ["t"] and kept is runs["t"]
+    assert "not run again" in reruns[-1] and len(reruns) == 2
+
+
+CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC 9R14
+flags\t\t: fpu vme sse2 avx2 avx512f avx512dq avx512_bf16 avx512_vnni
+bugs\t\t: sysret_ss_attrs
+
+processor\t: 1
+flags\t\t: fpu
+"""
+
+
+def test_the_cpus_bfloat16_flags_are_read_from_proc_cpuinfo(tmp_path):
+    path = tmp_path / "cpuinfo"
+    path.write_text(CPUINFO)
+    flags_found = {"avx512f": True, "avx512_vnni": True, "avx512_bf16": True,
+                   "amx_tile": False, "amx_bf16": False}
+    assert cpu_flags(str(path)) == flags_found  # the first processor's line
+    assert machine_info(str(path))["cpu_flags"] == flags_found
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd\n")  # no x86 "flags" line
+    assert cpu_flags(str(arm)) is None and "cpu_flags" not in machine_info(str(arm))
+    assert "cpu_flags" not in machine_info(str(tmp_path / "missing"))
+    text = markdown_table([{**_MACHINE, **_record("engine/synthetic", 0.1),
+                            "cpu_flags": flags_found}])
+    assert "CPU flags: avx512f avx512_vnni avx512_bf16; not: amx_tile amx_bf16" in text
+
+
+_MACHINE = {  # the record fields the markdown tables read, besides _record's
+    "cpu_model": "cpu", "cores": 2, "tensorflow": "2.21", "keras": "3.15", "numpy": "2",
+    "inter_op_threads": 0, "intra_op_threads": 0, "windows": 5, "window_s": 2.0,
+    "input_shape": [32, 32, 3], "global_batch": 32, "precision": "float32", "ema_decay": 0.0,
+    "strategy": "default", "replicas": 1, "input": "synthetic", "median_steps_per_sec": 1.0,
+    "min_steps_per_sec": 0.9, "max_steps_per_sec": 1.1, "median_examples_per_sec": 32.0,
+    "time_to_first_step_s": 1.0, "loadavg_1m_start": 1.0, "loadavg_1m_end": 1.0,
+}

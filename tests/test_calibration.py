@@ -132,65 +132,69 @@ def _config(tmp_path, cache, **train):
 
 
 def _bn_statistics(trainer):
-    return [v for l in batchnorm_layers(trainer.model) for v in (l.moving_mean, l.moving_variance)]
+    return [v for l in batchnorm_layers(trainer.parts.model)
+            for v in (l.moving_mean, l.moving_variance)]
 
 
 def test_trainer_calibrates_once_before_the_frozen_phase_and_a_resume_skips_it(
-        tmp_path, embedded_cache, monkeypatch, capsys):
+        tmp_path, embedded_cache, capsys):
     first = Trainer(_config(tmp_path, embedded_cache))  # one frozen epoch: BN stays put after
     first.train()
     assert "BN calibration" in capsys.readouterr().out
-    assert int(first.bn_calibrated.numpy()) == 3
-    assert not np.allclose(batchnorm_layers(first.model)[0].moving_variance.numpy(), 1.0)
+    assert int(first.parts.counters.bn_calibrated.numpy()) == 3
+    assert not np.allclose(batchnorm_layers(first.parts.model)[0].moving_variance.numpy(), 1.0)
     # EMA shadows start from the calibrated statistics (frozen: they stay equal).
-    shadows = first.ema.state()
+    shadows = first.parts.ema.state()
     for v in _bn_statistics(first):
-        np.testing.assert_array_equal(shadows[first.keys[id(v)]].numpy(), v.numpy())
+        np.testing.assert_array_equal(shadows[first.parts.keys[id(v)]].numpy(), v.numpy())
     # The statistics are those of the run's first three training batches.
-    c = first.config
+    c = first.parts.config
     fresh = build_model("tiny_cnn", 16, 13, seed=0, dropout=0.2, bn_momentum=c.model.bn_momentum)
     BNCalibrator(fresh)(calibration.training_batches(
-        first.data, steps=3, global_batch=16, input_size=16, seed=0, augment=True), steps=3)
+        first.parts.data, steps=3, global_batch=16, input_size=16, seed=0, augment=True), steps=3)
     for a, b in zip(_bn_statistics(first), [v for l in batchnorm_layers(fresh)
                                             for v in (l.moving_mean, l.moving_variance)]):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
 
-    def refuse(*args, **kwargs):
-        raise AssertionError("calibration ran on resume")
-
-    monkeypatch.setattr(BNCalibrator, "__call__", refuse)
-    again = Trainer(_config(tmp_path, embedded_cache, epochs=2))
-    again.train()
-    assert "BN calibration" not in capsys.readouterr().out
-    assert int(again.bn_calibrated.numpy()) == 3
+    # A resume asking for 5 calibration batches: calibrating again would log
+    # it, record 5 and change the statistics (5 batches, not 3); none happens.
+    calibrated = _values(_bn_statistics(first))
+    again = Trainer(_config(tmp_path, embedded_cache, calibrate_bn_steps=5))
+    again.train()  # restores, then finds the one epoch done: nothing trains
+    out = capsys.readouterr().out
+    assert "resumed: " in out and "BN calibration" not in out
+    assert "--calibrate_bn_steps: 3 -> 5 (no effect on resume" in out
+    assert int(again.parts.counters.bn_calibrated.numpy()) == 3
+    for a, b in zip(calibrated, _values(_bn_statistics(again))):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_a_checkpoint_from_before_calibration_existed_is_resumed_without_it(
-        tmp_path, embedded_cache, monkeypatch):
+        tmp_path, embedded_cache, capsys):
     first = Trainer(_config(tmp_path, embedded_cache, calibrate_bn_steps=0))
     first.train()
     old = TrainingState()  # the same state without train/bn_calibrated, saved as the newest
-    for key in first.state.keys:
+    for key in first.parts.state.keys:
         if key != "train/bn_calibrated":
-            old.add(key, first.state[key])
-    first.global_step.assign_add(1)
-    tf.train.CheckpointManager(old.checkpoint(), os.path.join(first.model_dir, "checkpoints"),
-                               max_to_keep=5).save(checkpoint_number=int(first.global_step.numpy()))
+            old.add(key, first.parts.state[key])
+    first.parts.counters.global_step.assign_add(1)
+    tf.train.CheckpointManager(old.checkpoint(), os.path.join(first.parts.model_dir, "checkpoints"),
+                               max_to_keep=5).save(
+        checkpoint_number=int(first.parts.counters.global_step.numpy()))
 
-    def refuse(*args, **kwargs):
-        raise AssertionError("calibration ran on resume")
-
-    monkeypatch.setattr(BNCalibrator, "__call__", refuse)
-    again = Trainer(_config(tmp_path, embedded_cache, epochs=2))
+    capsys.readouterr()
+    again = Trainer(_config(tmp_path, embedded_cache, epochs=2))  # calibrate_bn_steps=3
     again.train()
-    assert int(again.bn_calibrated.numpy()) == -1
+    out = capsys.readouterr().out
+    assert "resumed: " in out and "BN calibration" not in out
+    assert int(again.parts.counters.bn_calibrated.numpy()) == -1  # 3 had it calibrated now
 
 
 def test_zero_steps_leave_the_statistics_and_record_it(tmp_path, embedded_cache):
     trainer = Trainer(_config(tmp_path, embedded_cache, calibrate_bn_steps=0))
     trainer.train()
-    assert int(trainer.bn_calibrated.numpy()) == -1
-    for layer in batchnorm_layers(trainer.model.get_layer("backbone")):
+    assert int(trainer.parts.counters.bn_calibrated.numpy()) == -1
+    for layer in batchnorm_layers(trainer.parts.model.get_layer("backbone")):
         np.testing.assert_array_equal(layer.moving_mean.numpy(), 0.0)
         np.testing.assert_array_equal(layer.moving_variance.numpy(), 1.0)
 
@@ -199,11 +203,12 @@ def test_ema_calibrate_bn_evaluates_calibrated_ema_and_restores_the_raw_state(
         tmp_path, embedded_cache):
     trainer = Trainer(_config(tmp_path, embedded_cache, unfreeze_at=0, ema_calibrate_bn=True))
     trainer.train()  # one unfrozen epoch: shadows differ from the weights
-    before = _values(trainer.model.variables)
+    before = _values(trainer.parts.model.variables)
     calibrated = trainer.evaluate()
-    for a, b in zip(before, _values(trainer.model.variables)):
+    for a, b in zip(before, _values(trainer.parts.model.variables)):
         np.testing.assert_array_equal(a, b)  # weights, BN statistics, dropout seed state
-    trainer.config = trainer.config.replace(train={"ema_calibrate_bn": False})
-    plain = trainer.evaluate()
+    same_run = Trainer(_config(tmp_path, embedded_cache, unfreeze_at=0, ema_calibrate_bn=False))
+    same_run.restore()
+    plain = same_run.evaluate()
     assert calibrated["val_loss"] == plain["val_loss"]  # the raw model is not touched
     assert calibrated["val_ema_loss"] != plain["val_ema_loss"]

@@ -62,37 +62,42 @@ def _config(tmp_path, cache, epochs):
                                     plateau_factor=0.5, summary_every=0))
 
 
-def _scripted_eval(trainer, values):
-    """Replaces validation by a scripted val_loss per epoch (what the callbacks watch)."""
-    it = iter(values)
-    trainer.evaluate = lambda: {"val_loss": next(it)}
+class _ScriptedTrainer(Trainer):
+    """A Trainer whose validation is a scripted val_loss per epoch (what the callbacks watch)."""
+
+    def __init__(self, config, val_losses):
+        super().__init__(config)
+        self.val_losses = iter(val_losses)
+
+    def evaluate(self, save=True):
+        return {"val_loss": next(self.val_losses)}
 
 
 def test_callbacks_stop_the_trainer_and_their_counters_resume(tmp_path, embedded_cache):
-    trainer = Trainer(_config(tmp_path, embedded_cache, epochs=3))
-    _scripted_eval(trainer, [0.5, 0.6, 0.7])
+    trainer = _ScriptedTrainer(_config(tmp_path, embedded_cache, epochs=3), [0.5, 0.6, 0.7])
     trainer.train()
     # epoch 2 and 3 do not improve: plateau halves the LR after each, early stop waits 2
-    assert float(trainer.lr_scale.numpy()) == 0.25
-    assert int(trainer.callbacks.early.wait.numpy()) == 2
-    saved = {k: v for k, v in trainer.state.values().items() if k.startswith("train/")}
+    assert float(trainer.parts.counters.lr_scale.numpy()) == 0.25
+    assert int(trainer.parts.callbacks.early.wait.numpy()) == 2
+    saved = {k: v for k, v in trainer.parts.state.values().items() if k.startswith("train/")}
     assert {"train/early_stop_wait", "train/plateau_wait", "train/early_stop_best",
             "train/plateau_best", "train/bad_steps", "train/rollbacks"} <= set(saved)
 
     again = Trainer(_config(tmp_path, embedded_cache, epochs=6))  # more epochs asked for
     again.restore()
     for key, value in saved.items():
-        np.testing.assert_array_equal(again.state.values()[key], value, err_msg=key)
+        np.testing.assert_array_equal(again.parts.state.values()[key], value, err_msg=key)
     lines = []
-    again.log.line = lines.append
+    again.parts.log.listeners.append(lines.append)
     assert again.train() == {}
-    assert int(again.epoch.numpy()) == 3  # it had stopped early: nothing more is trained
+    # it had stopped early: nothing more is trained
+    assert int(again.parts.counters.epoch.numpy()) == 3
     assert any("early stop: val_loss has not improved on 0.5000 for 2 epochs" in l for l in lines)
 
 
 def test_early_stop_ends_the_run_before_its_last_epoch(tmp_path, embedded_cache):
-    trainer = Trainer(_config(tmp_path, embedded_cache, epochs=5))
-    _scripted_eval(trainer, [0.5, 0.4, 0.45, 0.41, 0.3])
+    trainer = _ScriptedTrainer(_config(tmp_path, embedded_cache, epochs=5),
+                               [0.5, 0.4, 0.45, 0.41, 0.3])
     trainer.train()
-    assert int(trainer.epoch.numpy()) == 4  # stopped after epoch 4 of 5
-    assert float(trainer.lr_scale.numpy()) == 0.25  # plateau after epochs 3 and 4
+    assert int(trainer.parts.counters.epoch.numpy()) == 4  # stopped after epoch 4 of 5
+    assert float(trainer.parts.counters.lr_scale.numpy()) == 0.25  # plateau after epochs 3 and 4

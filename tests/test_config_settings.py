@@ -23,7 +23,7 @@ def test_every_field_has_a_flag_and_every_flag_a_field():
     assert len(fields) == sum(len(typing.get_type_hints(cls)) for cls in groups.values())
     assert len(set(fields.values())) == len(fields)  # one flag per field
     defined = {f.name for f in FLAGS.get_flags_for_module("engine.flags")}
-    aliases = set(engine_flags._ALIASES)
+    aliases = set(engine_flags.ALIASES)
     assert aliases == {"compare", "input"}
     assert defined == set(fields.values()) | set(engine_flags.NOT_FIELDS) | aliases
     for name in engine_flags.NOT_SAVED:

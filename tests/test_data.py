@@ -95,8 +95,6 @@ def test_embedded_second_open_does_not_regenerate(emb):
 
 
 def test_embedded_creation_race_keeps_the_winner(tmp_path, monkeypatch):
-    monkeypatch.setattr(embedded, "NUM_TRAIN", 8)
-    monkeypatch.setattr(embedded, "NUM_VAL", 4)
     final = tmp_path / embedded.DIRNAME
     real_rename = os.rename
 
@@ -106,7 +104,7 @@ def test_embedded_creation_race_keeps_the_winner(tmp_path, monkeypatch):
         real_rename(src, dst)  # raises: dst exists and is not empty
 
     monkeypatch.setattr(embedded.os, "rename", other_process_wins)
-    assert embedded.ensure(str(tmp_path)) == str(final)
+    assert embedded.ensure(str(tmp_path), num_train=8, num_val=4) == str(final)
     assert json.loads((final / "meta.json").read_text()) == {"winner": True}
     assert os.listdir(tmp_path) == [embedded.DIRNAME]
 
@@ -453,10 +451,9 @@ def _epoch(data, cached, **kw):
 def test_decoded_cache_gives_exactly_the_decoding_paths_batches(embedded_cache, kw):
     data = open_data(None, embedded_cache)
     decoding = _epoch(data, cached=False, **dict(kw))
-    assert not data._decoded
+    assert data.cached_input_sizes == ()
     cached = _epoch(data, cached=True, **dict(kw))
-    assert 24 in data._decoded  # the cached path really ran
-    assert data._decoded[24][0].shape == (data.num_train, 24, 24, 3)
+    assert data.cached_input_sizes == (24,)  # the cached path really ran
     assert len(cached) == len(decoding) > 0
     for (xa, ya), (xb, yb) in zip(decoding, cached):
         np.testing.assert_array_equal(xa, xb)
@@ -469,7 +466,7 @@ def test_decoded_cache_is_used_only_within_its_budget(embedded_cache):
     data.decoded_cache_bytes = data.num_train * data.decoded_example_bytes(16)  # fits 16 px, not 24
     data.train_dataset(epoch=0, global_batch=8, input_size=16, seed=0)
     data.train_dataset(epoch=0, global_batch=8, input_size=24, seed=0)
-    assert list(data._decoded) == [16]
+    assert data.cached_input_sizes == (16,)
 
 
 def test_val_dataset_is_built_once_and_reads_the_same_every_pass(embedded_cache):

@@ -219,11 +219,11 @@ def test_trainer_runs_an_epoch_on_two_mirrored_replicas(tmp_path, embedded_cache
                           steps_per_epoch=3, strategy="mirrored", num_virtual_cpus=2,
                           ema_decay=0.9, progress=False))
     trainer = Trainer(config)
-    assert trainer.strategy.num_replicas_in_sync == 2 and trainer.local_replicas == 2
+    assert trainer.parts.strategy.num_replicas_in_sync == 2 and trainer.parts.local_replicas == 2
     result = trainer.train()
     assert np.isfinite(result["loss"]) and np.isfinite(result["val_loss"])
     assert "val_ema_loss" in result
-    assert int(trainer.global_step.numpy()) == 3
+    assert int(trainer.parts.counters.global_step.numpy()) == 3
     assert tf.train.latest_checkpoint(str(tmp_path / "run" / "checkpoints")).endswith("ckpt-3")
 
 
@@ -234,6 +234,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_worker_processes_end_with_identical_weights(tmp_path, embedded_cache):
     from engine.data import embedded
     embedded.ensure(embedded_cache)  # made once here, not raced by two workers

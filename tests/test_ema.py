@@ -232,9 +232,9 @@ def test_trainer_keeps_frozen_shadows_equal_and_resume_restores_ema_exactly(tmp_
                           steps_per_epoch=3, ema_decay=0.9, progress=False))
     trainer = Trainer(config)
     trainer.train()
-    assert int(trainer.ema.num_updates.numpy()) == 3
-    shadows = {k: np.array(v.numpy()) for k, v in trainer.ema.state().items()}
-    raw = {trainer.keys[id(w)]: np.array(w.numpy()) for w in trainer.model.weights}
+    assert int(trainer.parts.ema.num_updates.numpy()) == 3
+    shadows = {k: np.array(v.numpy()) for k, v in trainer.parts.ema.state().items()}
+    raw = {trainer.parts.keys[id(w)]: np.array(w.numpy()) for w in trainer.parts.model.weights}
     backbone = [k for k in raw if k.startswith("backbone/")]
     assert any("moving_mean" in k for k in backbone)
     for k in backbone:  # frozen weights (BN statistics too): shadow == weight, bit for bit
@@ -243,7 +243,7 @@ def test_trainer_keeps_frozen_shadows_equal_and_resume_restores_ema_exactly(tmp_
 
     again = Trainer(config)
     assert again.restore().startswith("resumed")
-    for k, v in again.ema.state().items():
+    for k, v in again.parts.ema.state().items():
         assert np.array(v.numpy()).tobytes() == shadows[k].tobytes(), k
-    for w in again.model.weights:
-        assert w.numpy().tobytes() == raw[again.keys[id(w)]].tobytes()
+    for w in again.parts.model.weights:
+        assert w.numpy().tobytes() == raw[again.parts.keys[id(w)]].tobytes()

@@ -34,11 +34,11 @@ def test_healthy_short_run_reports_per_label_and_stays_silent(tmp_path, embedded
     # the epoch line and the CSV get the summary keys only
     assert {k for k in result if k.startswith("val")} == {
         "val_loss", "val_macro_auc", "val_f2_samples_at_0.5", "val_f2_samples"}
-    with open(os.path.join(trainer.model_dir, "metrics.csv")) as f:
+    with open(os.path.join(trainer.parts.model_dir, "metrics.csv")) as f:
         header = next(csv.reader(f))
     assert not any("/" in h for h in header) and len(header) == 8
     # TensorBoard gets every label's precision, recall, F2, AUC and threshold
-    scalars = trainer.evaluation.label_scalars()
+    scalars = trainer.parts.evaluation.label_scalars()
     for name in LABEL_NAMES:
         for what in PER_LABEL:
             assert f"val_{what}/{name}" in scalars
@@ -49,20 +49,20 @@ def test_healthy_short_run_reports_per_label_and_stays_silent(tmp_path, embedded
     for name in LABEL_NAMES:
         assert out.count(f"  {name} ") == 2
     # a healthy run: no warning at start, none from the gradient monitor, none after eval
-    assert trainer.evaluation.warnings == []
+    assert trainer.parts.evaluation.warnings == []
     assert "WARNING" not in out
 
 
 def test_constant_head_is_reported_as_collapsed(tmp_path, embedded_cache, capsys):
     trainer = Trainer(_config(tmp_path, embedded_cache))
     trainer.restore()  # the head bias starts at each label's prior
-    logits = trainer.model.get_layer("head").get_layer("logits")
+    logits = trainer.parts.model.get_layer("head").get_layer("logits")
     logits.kernel.assign(np.zeros(logits.kernel.shape, np.float32))
     bias = logits.bias.numpy()
     bias[-1] = -12.0  # one label pushed to "never"
     logits.bias.assign(bias)
     trainer.evaluate()
-    warnings = trainer.evaluation.warnings
+    warnings = trainer.parts.evaluation.warnings
     assert len(warnings) == len(LABEL_NAMES)
     assert all(w.startswith("val: label '") for w in warnings)
     assert sum("barely vary" in w for w in warnings) == len(LABEL_NAMES) - 1
@@ -78,16 +78,16 @@ def test_sigmoid_head_warns_at_start_and_gradients_vanish(tmp_path, embedded_cac
     # A head that squashes its output and is saturated: sigmoid(30) is 1.0 in float32. Its
     # weights come in by a warm start, which (unlike a fresh start) keeps the file's bias.
     saturated = Trainer(_config(tmp_path / "a", embedded_cache))
-    logits = saturated.model.get_layer("head").get_layer("logits")
+    logits = saturated.parts.model.get_layer("head").get_layer("logits")
     logits.kernel.assign(np.zeros(logits.kernel.shape, np.float32))
     logits.bias.assign(np.full(logits.bias.shape, 30.0, np.float32))
-    saturated.model.save_weights(str(tmp_path / "saturated.weights.h5"))
+    saturated.parts.model.save_weights(str(tmp_path / "saturated.weights.h5"))
     trainer = Trainer(_config(tmp_path, embedded_cache, steps_per_epoch=8, steps_per_loop=2,
                               init_checkpoint=str(tmp_path / "saturated.weights.h5")))
-    trainer.model.get_layer("head").get_layer("logits").activation = keras.activations.sigmoid
-    trainer.evaluation.grad_monitor = GradientVanishingMonitor(floor=1e-7, patience=6)
+    trainer.parts.model.get_layer("head").get_layer("logits").activation = keras.activations.sigmoid
+    trainer.parts.evaluation.grad_monitor = GradientVanishingMonitor(floor=1e-7, patience=6)
     trainer.train()
-    warnings = trainer.evaluation.warnings
+    warnings = trainer.parts.evaluation.warnings
     assert "applies sigmoid" in warnings[0] and "'logits'" in warnings[0]
     vanishing = [w for w in warnings if "gradient norm stayed below" in w]
     assert len(vanishing) == 1 and "6 steps" in vanishing[0]
@@ -96,7 +96,7 @@ def test_sigmoid_head_warns_at_start_and_gradients_vanish(tmp_path, embedded_cac
 
 def test_observe_grad_norm_counts_steps_of_a_call(tmp_path, embedded_cache):
     trainer = Trainer(_config(tmp_path, embedded_cache))
-    ev = trainer.evaluation
+    ev = trainer.parts.evaluation
     ev.grad_monitor = GradientVanishingMonitor(floor=1e-7, patience=10)
     assert ev.observe_grad_norm(1e-9, steps=5) == []
     assert ev.observe_grad_norm(1.0, steps=5) == []  # a real gradient restarts the count
@@ -110,13 +110,13 @@ def test_ema_pass_saves_its_own_thresholds_naming_objective_and_weights(tmp_path
     trainer = Trainer(_config(tmp_path, embedded_cache, ema_decay=0.9,
                               threshold_objective="samples"))
     trainer.restore()
-    shadows = trainer.ema.state()  # EMA logits 2 lower than raw: other thresholds fit
+    shadows = trainer.parts.ema.state()  # EMA logits 2 lower than raw: other thresholds fit
     bias = next(k for k in shadows if k.endswith("logits/bias"))
     shadows[bias].assign(shadows[bias] - 2.0)
     trainer.evaluate()
-    ev = trainer.evaluation
-    raw = read_thresholds(os.path.join(trainer.model_dir, "thresholds.json"), LABEL_NAMES)
-    ema = read_thresholds(os.path.join(trainer.model_dir, "thresholds_ema.json"), LABEL_NAMES)
+    ev = trainer.parts.evaluation
+    raw = read_thresholds(os.path.join(trainer.parts.model_dir, "thresholds.json"), LABEL_NAMES)
+    ema = read_thresholds(os.path.join(trainer.parts.model_dir, "thresholds_ema.json"), LABEL_NAMES)
     assert (raw.objective, raw.weights) == ("samples", "raw")
     assert (ema.objective, ema.weights) == ("samples", "ema")
     np.testing.assert_array_equal(raw.thresholds, ev.thresholds["val"])

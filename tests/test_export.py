@@ -45,22 +45,22 @@ def run(tmp_path_factory, embedded_cache):
     config = _config(tmp_path_factory.mktemp("export_run"), embedded_cache)
     trainer = Trainer(config)
     trainer.restore()  # fresh: head bias at the label priors
-    shadows = trainer.ema.state()
+    shadows = trainer.parts.ema.state()
     bias = next(k for k in shadows if k.endswith("logits/bias"))
     shadows[bias].assign(shadows[bias] - 2.0)
-    trainer.global_step.assign(5)
-    trainer.best.assign(0.25)
+    trainer.parts.counters.global_step.assign(5)
+    trainer.parts.counters.best.assign(0.25)
     trainer.checkpointer.best.save(checkpoint_number=5)
     trainer.checkpointer.rolling.save(checkpoint_number=5)
-    kernel = trainer.model.get_layer("head").get_layer("logits").kernel
+    kernel = trainer.parts.model.get_layer("head").get_layer("logits").kernel
     kernel.assign(kernel * 3.0)
-    trainer.global_step.assign(9)
+    trainer.parts.counters.global_step.assign(9)
     trainer.checkpointer.rolling.save(checkpoint_number=9)
     return config, trainer
 
 
 def _checkpoint(trainer, which):
-    return os.path.join(trainer.model_dir, which)
+    return os.path.join(trainer.parts.model_dir, which)
 
 
 def _images(n=6, seed=0):
@@ -81,16 +81,16 @@ def _as_of(trainer, path, ema):
     Thresholds through the trainer's own validation pass (Evaluation), not
     through export's code.
     """
-    trainer.state.restore(path)
+    trainer.parts.state.restore(path)
     images = _images()
     if ema:
-        with trainer.ema.swapped():
-            trainer.evaluation.run("check", save=False, report=False)
-            probs = _sigmoid(trainer.model(images, training=False).numpy())
+        with trainer.parts.ema.swapped():
+            trainer.parts.evaluation.run("check", save=False, report=False)
+            probs = _sigmoid(trainer.parts.model(images, training=False).numpy())
     else:
-        trainer.evaluation.run("check", save=False, report=False)
-        probs = _sigmoid(trainer.model(images, training=False).numpy())
-    return probs, trainer.evaluation.thresholds["check"]
+        trainer.parts.evaluation.run("check", save=False, report=False)
+        probs = _sigmoid(trainer.parts.model(images, training=False).numpy())
+    return probs, trainer.parts.evaluation.thresholds["check"]
 
 
 def _serve(target, images):
@@ -101,7 +101,7 @@ def test_default_export_is_best_with_ema_and_serves_the_ema_thresholds(run):
     config, trainer = run
     line = export_saved_model(config)
     best = _checkpoint(trainer, "best/ckpt-5")
-    target = os.path.join(trainer.model_dir, "export", "5")
+    target = os.path.join(trainer.parts.model_dir, "export", "5")
     assert line.startswith(f"exported EMA weights of step 5 from {best} "
                            f"(best by --best_metric, 0.25) to {target} ")
     assert "--threshold_objective=per_label" in line
@@ -118,7 +118,7 @@ def test_default_export_is_best_with_ema_and_serves_the_ema_thresholds(run):
     np.testing.assert_allclose(served, ema_thresholds, rtol=0, atol=1e-6)
     np.testing.assert_array_equal(out["decisions"].numpy(),
                                   (probs >= served).astype(np.float32))
-    copy = read_thresholds(os.path.join(target, "thresholds.json"), trainer.data.label_names)
+    copy = read_thresholds(os.path.join(target, "thresholds.json"), trainer.parts.data.label_names)
     assert (copy.objective, copy.weights, copy.metadata["step"]) == ("per_label", "ema", 5)
     np.testing.assert_allclose(copy.thresholds, ema_thresholds, rtol=0, atol=1e-6)
     assert not [p for p in os.listdir(os.path.dirname(target)) if p.startswith(".")]  # no scratch
@@ -146,10 +146,10 @@ def test_ema_calibrate_bn_exports_statistics_measured_with_the_ema_weights(run):
     assert "BN statistics re-estimated for the EMA weights over 2 training batches" in line
     best = _checkpoint(trainer, "best/ckpt-5")
     uncalibrated, _ = _as_of(trainer, best, ema=True)
-    with trainer.ema.swapped():
-        BNCalibrator(trainer.model)(training_batches(
-            trainer.data, steps=2, global_batch=16, input_size=SIZE, seed=0, augment=True), 2)
-        want = _sigmoid(trainer.model(_images(), training=False).numpy())
+    with trainer.parts.ema.swapped():
+        BNCalibrator(trainer.parts.model)(training_batches(
+            trainer.parts.data, steps=2, global_batch=16, input_size=SIZE, seed=0, augment=True), 2)
+        want = _sigmoid(trainer.parts.model(_images(), training=False).numpy())
     served = _serve(_exported_dir(line), _images())["probabilities"].numpy()
     np.testing.assert_allclose(served, want, rtol=0, atol=1e-5)
     assert np.abs(served - uncalibrated).max() > 1e-3
@@ -173,7 +173,7 @@ def test_labels_and_thresholds_travel_inside_the_saved_model(run):
     target = _exported_dir(export_saved_model(config))
     loaded = tf.saved_model.load(target)
     names = [n.decode() for n in loaded.label_names.numpy()]
-    assert names == trainer.data.label_names
+    assert names == trainer.parts.data.label_names
     meta = loaded.signatures["metadata"]()
     assert [n.decode() for n in meta["label_names"].numpy()] == names
     assert meta["thresholds"].shape == (len(names),)
@@ -246,7 +246,7 @@ def test_multiclass_exports_softmax_probabilities(tmp_path, embedded_cache):
     trainer.checkpointer.rolling.save(checkpoint_number=0)
     line = export_saved_model(config)
     images = _images(4, seed=2)
-    logits = trainer.model(images, training=False).numpy().astype(np.float64)
+    logits = trainer.parts.model(images, training=False).numpy().astype(np.float64)
     want = np.exp(logits - logits.max(-1, keepdims=True))
     want /= want.sum(-1, keepdims=True)
     probs = _serve(_exported_dir(line), images)["probabilities"].numpy()
@@ -297,7 +297,7 @@ def test_serving_bytes_decodes_like_validation(run, exported):
     files = sorted(tf.io.gfile.glob(os.path.join(
         config.data.cache_dir, "embedded_v1", "val-*.tfrecord*")))
     records = [parse_image(*r)[0].numpy() for r in file_records(files).take(4)]
-    images = next(iter(trainer.data.val_dataset(global_batch=4, input_size=SIZE)))[0]
+    images = next(iter(trainer.parts.data.val_dataset(global_batch=4, input_size=SIZE)))[0]
     jpeg = tf.io.encode_jpeg(tf.io.decode_png(records[3], channels=3)).numpy()
     loaded = tf.saved_model.load(target)
     out = loaded.signatures["serving_bytes"](image_bytes=tf.constant(records + [jpeg]))

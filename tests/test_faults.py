@@ -55,7 +55,7 @@ def _one_line_error(result, code=2):
 def _train(config, lines=None):
     trainer = Trainer(config)
     if lines is not None:
-        trainer.log.line = lines.append
+        trainer.parts.log.listeners.append(lines.append)
     return trainer, trainer.train()
 
 
@@ -92,7 +92,7 @@ def test_a_deleted_state_file_resumes_from_the_checkpoint_files(trained, tmp_pat
     lines = []
     trainer, _ = _train(_config(model_dir, embedded_cache, epochs=2), lines)
     assert "\nresumed: " in lines[0] and "checkpoints/ckpt-4" in lines[0], lines[0]
-    assert int(trainer.global_step.numpy()) == 8
+    assert int(trainer.parts.counters.global_step.numpy()) == 8
     rows = (model_dir / "metrics.csv").read_text().splitlines()
     assert len(rows) == 3 and rows[1] == first_epoch  # epoch 1 kept, epoch 2 added
     # The state file was rebuilt, so --keep_checkpoints=3 rotates the old ones away again.
@@ -108,7 +108,7 @@ def test_a_garbled_state_file_resumes_from_the_checkpoint_files(trained, tmp_pat
     trainer = Trainer(_config(model_dir, embedded_cache, epochs=2))
     line = trainer.restore(starting=True)
     assert "\nresumed: " in line and "checkpoints/ckpt-4" in line, line  # after "--epochs: 1 -> 2"
-    assert int(trainer.global_step.numpy()) == 4
+    assert int(trainer.parts.counters.global_step.numpy()) == 4
 
 
 def test_no_readable_checkpoint_stops_naming_them_and_touches_nothing(trained, tmp_path,
@@ -233,7 +233,8 @@ def test_a_full_disk_is_one_line_and_the_run_resumes_once_space_is_freed(
     filler.unlink()
     lines = []
     trainer, _ = _train(_config(model_dir, embedded_cache, epochs=2), lines)
-    assert lines[0].startswith("resumed: ") and int(trainer.global_step.numpy()) == 8, lines[0]
+    assert lines[0].startswith("resumed: "), lines[0]
+    assert int(trainer.parts.counters.global_step.numpy()) == 8
 
 
 # ------------------------------------------------------- SIGTERM at startup

@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 from engine import distribute
+from engine.controller import Controller
 from engine.config import Config, DataConfig, FreezeConfig, ModelConfig, OptimizerConfig, \
     TrainConfig
 from engine.data.replicas import replica_batches
@@ -19,6 +20,7 @@ from engine.ema import EMA
 from engine.health import StepGuard, StepSummaries, TrainingDiverged, diagnose, \
     histogram_buckets
 from engine.optimizer import make_param_groups, make_schedule
+from engine.parts import build_parts
 from engine.state import model_variable_keys
 from engine.steps import make_train_loop
 from engine.freeze import changing_weights
@@ -281,22 +283,37 @@ def _config(tmp_path, cache, optimizer=None, **train):
                   freeze=FreezeConfig(unfreeze_at=0), train=TrainConfig(**t))
 
 
-def _poison(trainer, bad_batches):
-    """Makes the trainer's training batches with these indices (of the epoch) all NaN."""
-    original = trainer.data.train_dataset
+class _PoisonedData:
+    """The run's data, with the training batches of these indices (of the epoch) all NaN.
 
-    def poisoned(**kw):
+    A test double handed to the controller as its data part; everything but
+    train_dataset is the real data's.
+    """
+
+    def __init__(self, data, bad_batches):
+        self.data = data
+        self.bad_batches = sorted(bad_batches)
+
+    def __getattr__(self, name):
+        return getattr(self.data, name)
+
+    def train_dataset(self, **kw):
         skip = kw.get("skip_batches", 0)
-        bad = tf.constant(sorted(bad_batches), tf.int64)
+        bad = tf.constant(self.bad_batches, tf.int64)
 
         def maybe(i, batch):
             images, labels = batch
             hit = tf.reduce_any(tf.equal(i + skip, bad))
             return tf.where(hit, images * np.nan, images), labels
 
-        return original(**kw).enumerate().map(maybe)
+        return self.data.train_dataset(**kw).enumerate().map(maybe)
 
-    trainer.data.train_dataset = poisoned
+
+def _poisoned(config, bad_batches):
+    """A controller over built parts whose data part is _PoisonedData (built, then run)."""
+    parts = build_parts(config)
+    parts.data = _PoisonedData(parts.data, bad_batches)
+    return Controller(parts)
 
 
 def _saved_values_are_finite(model_dir):
@@ -314,15 +331,15 @@ def _saved_values_are_finite(model_dir):
 
 
 def test_a_poisoned_batch_is_skipped_and_reported(tmp_path, embedded_cache):
-    trainer = Trainer(_config(tmp_path, embedded_cache, max_bad_steps=2, ema_decay=0.9,
-                              checkpoint_every_steps=4, summary_every=2, image_every=4))
-    _poison(trainer, {3})
+    trainer = _poisoned(_config(tmp_path, embedded_cache, max_bad_steps=2, ema_decay=0.9,
+                                checkpoint_every_steps=4, summary_every=2, image_every=4), {3})
     result = trainer.train()
     assert result["bad_steps"] == 1 and np.isfinite(result["loss"])
-    assert int(trainer.rollbacks.numpy()) == 0 and int(trainer.guard.bad_steps.numpy()) == 1
-    _saved_values_are_finite(trainer.model_dir)
-    assert not os.path.exists(os.path.join(trainer.model_dir, "rollback"))  # gone at the end
-    events = _events(os.path.join(trainer.model_dir, "train"))  # the step's own summaries
+    assert int(trainer.parts.counters.rollbacks.numpy()) == 0
+    assert int(trainer.parts.guard.bad_steps.numpy()) == 1
+    _saved_values_are_finite(trainer.parts.model_dir)
+    assert not os.path.exists(os.path.join(trainer.parts.model_dir, "rollback"))  # gone at the end
+    events = _events(os.path.join(trainer.parts.model_dir, "train"))  # the step's own summaries
     assert [s for s, _, _ in events["grad_norm/global"]] == [2, 4, 6, 8]
     assert [int(v) for _, v, _ in events["health/bad_steps"]] == [0, 1, 1, 1]
     assert [s for s, _, _ in events["health/steps_per_sec"]] == [2, 4, 6, 8]  # host side
@@ -332,7 +349,10 @@ def test_a_poisoned_batch_is_skipped_and_reported(tmp_path, embedded_cache):
 
 def test_train_main_prints_a_diagnosis_as_a_one_line_user_error():
     import train_main
-    assert TrainingDiverged in train_main._user_errors()
+    diagnosis = TrainingDiverged("training diverged: the loss is not finite after 2 "
+                                 "rollback(s); try a lower --learning_rate")
+    assert train_main.user_error_line(diagnosis) == str(diagnosis)
+    assert train_main.user_error_line(RuntimeError("a bug")) is None  # keeps its traceback
 
 
 def test_a_huge_learning_rate_is_rolled_back_and_recovers(tmp_path, embedded_cache):
@@ -341,30 +361,29 @@ def test_a_huge_learning_rate_is_rolled_back_and_recovers(tmp_path, embedded_cac
                               max_bad_steps=2, max_rollbacks=4, bad_step_lr_factor=0.01,
                               checkpoint_every_steps=4, max_loss_ratio=0))  # the guard's path
     result = trainer.train()
-    rollbacks = int(trainer.rollbacks.numpy())
-    assert 1 <= rollbacks <= 4 and int(trainer.guard.bad_steps.numpy()) >= 2
-    assert float(trainer.lr_scale.numpy()) == pytest.approx(0.01 ** rollbacks)
+    rollbacks = int(trainer.parts.counters.rollbacks.numpy())
+    assert 1 <= rollbacks <= 4 and int(trainer.parts.guard.bad_steps.numpy()) >= 2
+    assert float(trainer.parts.counters.lr_scale.numpy()) == pytest.approx(0.01 ** rollbacks)
     assert np.isfinite(result["loss"]) and np.isfinite(result["val_loss"])
-    assert int(trainer.global_step.numpy()) == 12
-    _saved_values_are_finite(trainer.model_dir)
+    assert int(trainer.parts.counters.global_step.numpy()) == 12
+    _saved_values_are_finite(trainer.parts.model_dir)
     # The lowered learning rate and the counts are state: a resumed run keeps them.
     again = Trainer(_config(tmp_path, embedded_cache, optimizer=sgd, steps_per_epoch=12))
     again.restore()
-    assert float(again.lr_scale.numpy()) == pytest.approx(0.01 ** rollbacks)
-    assert int(again.rollbacks.numpy()) == rollbacks
+    assert float(again.parts.counters.lr_scale.numpy()) == pytest.approx(0.01 ** rollbacks)
+    assert int(again.parts.counters.rollbacks.numpy()) == rollbacks
 
 
 def test_bad_data_that_never_ends_stops_with_a_diagnosis(tmp_path, embedded_cache):
-    trainer = Trainer(_config(tmp_path, embedded_cache, max_bad_steps=2, max_rollbacks=1,
-                              checkpoint_every_steps=2))
-    _poison(trainer, set(range(4, 8)))
+    trainer = _poisoned(_config(tmp_path, embedded_cache, max_bad_steps=2, max_rollbacks=1,
+                                checkpoint_every_steps=2), set(range(4, 8)))
     with pytest.raises(TrainingDiverged) as caught:
         trainer.train()
     message = str(caught.value)
     assert "\n" not in message and "after 1 rollback(s) (--max_rollbacks=1)" in message
     assert "input batch itself holds non-finite pixel values" in message
-    assert int(trainer.rollbacks.numpy()) == 1
-    _saved_values_are_finite(trainer.model_dir)
+    assert int(trainer.parts.counters.rollbacks.numpy()) == 1
+    _saved_values_are_finite(trainer.parts.model_dir)
 
 
 @pytest.mark.parametrize("lr", [1e6, 1e4])
@@ -381,4 +400,4 @@ def test_a_finite_but_absurd_loss_is_divergence_and_ends_in_a_diagnosis(tmp_path
     assert "\n" not in message and "after 1 rollback(s)" in message
     assert "--max_loss_ratio" in message or "not finite" in message
     assert "layer" in message or "the largest weight is" in message
-    assert not os.path.exists(os.path.join(trainer.model_dir, "rollback"))
+    assert not os.path.exists(os.path.join(trainer.parts.model_dir, "rollback"))

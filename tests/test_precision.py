@@ -42,7 +42,7 @@ def _config(tmp_path, cache, precision):
 
 
 def _weights(trainer):
-    return [np.array(v.numpy()) for v in trainer.model.trainable_variables]
+    return [np.array(v.numpy()) for v in trainer.parts.model.trainable_variables]
 
 
 def test_float16_trains_like_float32_and_an_overflow_is_skipped_not_counted_bad(
@@ -56,44 +56,46 @@ def test_float16_trains_like_float32_and_an_overflow_is_skipped_not_counted_bad(
     assert keras.config.dtype_policy().name == "float32"  # the Trainer left it as it was
     t16, losses16 = runs["float16"]
     _, losses32 = runs["float32"]
-    conv = t16.model.get_layer("backbone").layers[1]
+    conv = t16.parts.model.get_layer("backbone").layers[1]
     assert conv.compute_dtype == "float16" and conv.variable_dtype == "float32"
     assert all(np.isfinite(losses16)) and losses16[1] < losses16[0]
     np.testing.assert_allclose(losses16, losses32, rtol=0.02)  # same run, float16 compute
-    assert float(t16.loss_scale.scale.numpy()) == 2.0 ** 15  # no overflow in 16 steps
-    assert int(t16.loss_scale.good_steps.numpy()) == 16
+    assert float(t16.parts.loss_scale.scale.numpy()) == 2.0 ** 15  # no overflow in 16 steps
+    assert int(t16.parts.loss_scale.good_steps.numpy()) == 16
 
     # A scale far too large overflows float16 in the backward pass: the step changes
     # nothing, the scale halves, and the guard does not count it as a bad step.
-    t16.loss_scale.scale.assign(2.0 ** 40)
+    t16.parts.loss_scale.scale.assign(2.0 ** 40)
     before = _weights(t16)
-    steps_before = int(t16.global_step.numpy())
-    loss, _ = t16.train_loop(iter(t16.data.train_dataset(
+    steps_before = int(t16.parts.counters.global_step.numpy())
+    loss, _ = t16.train_loop(iter(t16.parts.data.train_dataset(
         epoch=5, global_batch=16, input_size=32, seed=0)), tf.constant(1, tf.int32))
     assert np.isnan(float(loss))  # no good step in this call
     for a, b in zip(before, _weights(t16)):
         np.testing.assert_array_equal(a, b)
-    assert float(t16.loss_scale.scale.numpy()) == 2.0 ** 39
-    assert int(t16.loss_scale.overflow_steps.numpy()) == 1
-    assert int(t16.guard.bad_steps.numpy()) == 0 and int(t16.guard.consecutive.numpy()) == 0
-    assert int(t16.global_step.numpy()) == steps_before + 1
+    assert float(t16.parts.loss_scale.scale.numpy()) == 2.0 ** 39
+    assert int(t16.parts.loss_scale.overflow_steps.numpy()) == 1
+    guard = t16.parts.guard
+    assert int(guard.bad_steps.numpy()) == 0 and int(guard.consecutive.numpy()) == 0
+    assert int(t16.parts.counters.global_step.numpy()) == steps_before + 1
 
 
 def test_the_loss_scale_is_checkpoint_state_and_resumes(tmp_path, embedded_cache):
     cfg = _config(tmp_path, embedded_cache, "float16")
     first = Trainer(cfg)
     first.train()
-    first.loss_scale.scale.assign(1024.0)
+    first.parts.loss_scale.scale.assign(1024.0)
     first.checkpointer.save_rolling()
     assert {"train/loss_scale", "train/loss_scale_good_steps", "train/overflow_steps"} <= set(
-        first.state.keys)
+        first.parts.state.keys)
     again = Trainer(cfg)
     assert again.restore().startswith("resumed")
-    assert float(again.loss_scale.scale.numpy()) == 1024.0
-    assert int(again.loss_scale.good_steps.numpy()) == int(first.loss_scale.good_steps.numpy())
+    assert float(again.parts.loss_scale.scale.numpy()) == 1024.0
+    assert (int(again.parts.loss_scale.good_steps.numpy())
+            == int(first.parts.loss_scale.good_steps.numpy()))
 
 
 def test_float32_runs_have_no_loss_scale_state(tmp_path, embedded_cache):
     trainer = Trainer(_config(tmp_path, embedded_cache, "float32"))
-    assert trainer.loss_scale is None
-    assert not [k for k in trainer.state.keys if "loss_scale" in k]
+    assert trainer.parts.loss_scale is None
+    assert not [k for k in trainer.parts.state.keys if "loss_scale" in k]

@@ -48,13 +48,13 @@ def run(tmp_path_factory, embedded_cache):
     config = _config(tmp_path_factory.mktemp("predict_run"), embedded_cache)
     trainer = Trainer(config)
     trainer.restore()
-    shadows = trainer.ema.state()
+    shadows = trainer.parts.ema.state()
     bias = next(k for k in shadows if k.endswith("logits/bias"))
     shadows[bias].assign(shadows[bias] - 2.0)
     kernel = next(k for k in shadows if k.endswith("logits/kernel"))
     shadows[kernel].assign(shadows[kernel] * 30.0)  # images differ enough to get other tags
-    trainer.global_step.assign(5)
-    trainer.best.assign(0.25)
+    trainer.parts.counters.global_step.assign(5)
+    trainer.parts.counters.best.assign(0.25)
     trainer.checkpointer.best.save(checkpoint_number=5)
     return config, trainer
 
@@ -63,19 +63,19 @@ def run(tmp_path_factory, embedded_cache):
 def eval_pass(run):
     """The trainer's own validation pass on the EMA weights: (probabilities, thresholds)."""
     config, trainer = run
-    with trainer.ema.swapped():
+    with trainer.parts.ema.swapped():
         probs = np.concatenate([
-            trainer.evaluation.eval_batch(images, labels)[0].numpy()
-            for images, labels in trainer.data.val_dataset(global_batch=16, input_size=SIZE)])
-        trainer.evaluation.run("check", save=False, report=False)
-    return probs, trainer.evaluation.thresholds["check"]
+            trainer.parts.evaluation.eval_batch(images, labels)[0].numpy()
+            for images, labels in trainer.parts.data.val_dataset(global_batch=16, input_size=SIZE)])
+        trainer.parts.evaluation.run("check", save=False, report=False)
+    return probs, trainer.parts.evaluation.thresholds["check"]
 
 
 def _eval_on_files(trainer, paths):
     """Validation's decoding and the eval step on the EMA weights, for image files."""
     images = tf.stack([decode_for_eval(tf.io.read_file(str(p)), SIZE) for p in paths])
-    with trainer.ema.swapped():
-        return trainer.evaluation.eval_batch(images, tf.zeros([len(paths), 13]))[0].numpy()
+    with trainer.parts.ema.swapped():
+        return trainer.parts.evaluation.eval_batch(images, tf.zeros([len(paths), 13]))[0].numpy()
 
 
 def _read(output):
@@ -117,15 +117,15 @@ def test_predictions_equal_the_eval_pass_on_the_validation_split(run, eval_pass,
     output = tmp_path / "sub.csv"
     line = predict(_predicting(config, val, output, strategy=strategy,
                                num_virtual_cpus=2 if strategy == "mirrored" else 0))
-    best = os.path.join(trainer.model_dir, "best", "ckpt-5")
-    assert line.startswith(f"predicted {trainer.data.num_val} images of TFRecords ")
+    best = os.path.join(trainer.parts.model_dir, "best", "ckpt-5")
+    assert line.startswith(f"predicted {trainer.parts.data.num_val} images of TFRecords ")
     assert f"with EMA weights of step 5 from {best} (best by --best_metric, 0.25)" in line
     assert f"tags -> {output}, probabilities -> {tmp_path}/sub_probabilities.csv" in line
     assert (" on 2 replicas" in line) == (strategy == "mirrored")
     names, tags, labels, probs = _read(output)
     want, thresholds = eval_pass
-    assert labels == trainer.data.label_names
-    assert names == [f"val_{i:05d}" for i in range(trainer.data.num_val)]
+    assert labels == trainer.parts.data.label_names
+    assert names == [f"val_{i:05d}" for i in range(trainer.parts.data.num_val)]
     np.testing.assert_allclose(probs, want, rtol=0, atol=1e-5)
     assert tags == _tags(want, thresholds, labels)
     assert any(tags) and len(set(tags)) > 1  # the comparison is not vacuous
@@ -166,7 +166,7 @@ def test_an_exported_saved_model_predicts_the_same(run, eval_pass, exported, tmp
     np.testing.assert_allclose(probs, want, rtol=0, atol=1e-5)
     served = tf.saved_model.load(exported).thresholds.numpy()
     np.testing.assert_allclose(served, eval_pass[1], rtol=0, atol=1e-6)
-    assert tags == _tags(want, served, labels) and labels == trainer.data.label_names
+    assert tags == _tags(want, served, labels) and labels == trainer.parts.data.label_names
 
 
 def test_a_planet_csv_list_and_a_text_list(run, exported, tmp_path):
@@ -220,6 +220,7 @@ def _cli(*args, timeout=240):
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
+@pytest.mark.slow
 def test_cli_trains_then_predicts_a_folder_through_the_flagfile(tmp_path, embedded_cache):
     """The README flow: a tiny run, then --mode=predict --flagfile=RUN/flags.txt."""
     from engine.data.tfrecord import file_records, parse_image
@@ -245,13 +246,13 @@ def test_cli_trains_then_predicts_a_folder_through_the_flagfile(tmp_path, embedd
     # An eval of the same images: the trainer's validation pass, its thresholds.
     trainer = Trainer(_config(run_dir, embedded_cache, ema_decay=0.0))
     trainer.restore()
-    images, labels = next(iter(trainer.data.val_dataset(global_batch=6, input_size=SIZE)))
-    probs = trainer.evaluation.eval_batch(images, labels)[0].numpy()
-    trainer.evaluation.run("check", save=False, report=False)
+    images, labels = next(iter(trainer.parts.data.val_dataset(global_batch=6, input_size=SIZE)))
+    probs = trainer.parts.evaluation.eval_batch(images, labels)[0].numpy()
+    trainer.parts.evaluation.run("check", save=False, report=False)
     names, tags, label_names, got = _read(tmp_path / "out.csv")
     assert names == [f"val_{i:05d}" for i in range(6)]
     np.testing.assert_allclose(got, probs, rtol=0, atol=1e-5)
-    assert tags == _tags(probs, trainer.evaluation.thresholds["check"], label_names)
+    assert tags == _tags(probs, trainer.parts.evaluation.thresholds["check"], label_names)
 
 
 def test_segmentation_writes_one_class_id_png_per_image(tmp_path, embedded_cache):

@@ -6,6 +6,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from engine.preemption import EXIT_PREEMPTED, StopSignals
@@ -31,6 +32,7 @@ def _final_values(model_dir):
             if k.startswith(("model/", "optimizer/"))}
 
 
+@pytest.mark.slow
 def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, embedded_cache):
     full = subprocess.run(_cmd(tmp_path / "full", embedded_cache), env=_env(),
                           capture_output=True, text=True, timeout=300)

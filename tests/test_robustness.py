@@ -94,6 +94,7 @@ def _all_saved_tensors_finite_and_readable(model_dir):
                 assert np.all(np.isfinite(value)), (prefix, name)
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_moments_always_resumes(tmp_path, embedded_cache):
     embedded.ensure(embedded_cache)  # made here, never half-made by a killed run
     model_dir = tmp_path / "run"
@@ -146,6 +147,64 @@ def test_kill_9_at_random_moments_always_resumes(tmp_path, embedded_cache):
     _all_saved_tensors_finite_and_readable(str(model_dir))
 
 
+# ------------------------------------ kill -9 inside each phase of a gradual unfreeze
+def _gradual_cmd(model_dir, cache):
+    """Three phases (frozen, the top block, all) of 4 steps, a checkpoint after every step,
+    per-block Adam groups with layer-wise LR decay, EMA, deterministic ops."""
+    return [sys.executable, os.path.join(ROOT, "train_main.py"), f"--model_dir={model_dir}",
+            f"--cache_dir={cache}", "--backbone=tiny_cnn", "--batch_size=8",
+            "--steps_per_epoch=4", "--epochs=3", "--unfreeze_at=0",
+            "--unfreeze_schedule=1:blocks:1,2:all", "--optimizer=adam", "--learning_rate=0.01",
+            "--layer_lr_decay=0.5", "--ema_decay=0.9", "--steps_per_loop=1",
+            "--checkpoint_every_steps=1", "--keep_checkpoints=20", "--deterministic",
+            "--summary_every=0", "--progress=false"]
+
+
+def _final_tensors(model_dir):
+    reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(model_dir / "checkpoints")))
+    suffix = "/.ATTRIBUTES/VARIABLE_VALUE"
+    return {k[:-len(suffix)]: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
+            if k.endswith(suffix) and not k.startswith("save_counter")}
+
+
+@pytest.mark.slow
+def test_gradual_unfreeze_killed_inside_each_phase_ends_bit_identical(tmp_path, embedded_cache):
+    """kill -9 as soon as a checkpoint inside each phase is on disk (steps 1-4 frozen, 5-8 the top
+    block, 9-12 all), each time resuming with the same command; the last run finishes. Its
+    final state equals an uninterrupted run's, tensor for tensor (weights, every group's
+    slots and step count, EMA shadows, counters)."""
+    embedded.ensure(embedded_cache)
+    reference = tmp_path / "reference"
+    done = subprocess.run(_gradual_cmd(reference, embedded_cache), env=_env(),
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    model_dir = tmp_path / "killed"
+    resumed_at = []
+    for inside in (1, 5, 9):  # the first step of each phase: three steps of margin
+        log_path = tmp_path / f"until{inside}.log"
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(_gradual_cmd(model_dir, embedded_cache), env=_env(),
+                                    stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        try:
+            _wait_for_progress(model_dir, proc, inside - 1)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        resumed_at.append(_newest_step(model_dir))
+        assert resumed_at[-1] < 12, open(log_path).read()[-2000:]  # killed before the end
+    final = subprocess.run(_gradual_cmd(model_dir, embedded_cache), env=_env(),
+                           capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert final.returncode == 0, final.stdout[-2000:] + final.stderr[-2000:]
+    assert "resumed" in final.stdout
+    # Each kill left a checkpoint in the phase it was aimed at (or the next step's).
+    assert [1 + (step - 1) // 4 for step in resumed_at] == [1, 2, 3], resumed_at
+    got, expected = _final_tensors(model_dir), _final_tensors(reference)
+    assert set(got) == set(expected)
+    assert int(got["train/global_step"]) == 12
+    for key in expected:
+        np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+
+
 # ----------------------------------------------- corrupt newest checkpoints
 def _config(model_dir, cache):
     return Config(model=ModelConfig(backbone="tiny_cnn", input_size=32),
@@ -183,24 +242,22 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, em
     source = tmp_path / "source"
     trained = Trainer(_config(source, embedded_cache))
     trained.train()  # checkpoints at steps 2 and 4
-    trainer = Trainer(_config(source, embedded_cache))
     for name, corrupt in CORRUPTIONS.items():
         run = tmp_path / name.replace(" ", "_")
         shutil.copytree(source, run)
         corrupt(str(run / "checkpoints" / "ckpt-4"))
-        trainer.model_dir = str(run)
+        trainer = Trainer(_config(run, embedded_cache))
         line = trainer.restore()
         assert line.startswith("WARNING: checkpoint") and "ckpt-4 is unreadable" in line, name
         assert "resumed: restored" in line and "ckpt-2" in line, name
-        assert int(trainer.global_step.numpy()) == 2, name
+        assert int(trainer.parts.counters.global_step.numpy()) == 2, name
     # Every checkpoint unreadable: a clear error, not a fresh start over the user's run.
     run = tmp_path / "all_bad"
     shutil.copytree(source, run)
     for step in (2, 4):
         CORRUPTIONS["data cut short"](str(run / "checkpoints" / f"ckpt-{step}"))
-    trainer.model_dir = str(run)
     with pytest.raises(StateError, match="no readable checkpoint.*2 unreadable"):
-        trainer.restore()
+        Trainer(_config(run, embedded_cache)).restore()
 
 
 # ------------------------------------------------ bad data through the trainer
@@ -236,9 +293,9 @@ def test_skipped_records_are_counted_in_the_epoch_report(tmp_path, embedded_cach
         train={"batch_size": 4, "checkpoint_every_steps": 0})
     trainer = Trainer(config)
     lines = []
-    trainer.log.line = lines.append
+    trainer.parts.log.listeners.append(lines.append)
     result = trainer.train()
-    assert result["skipped_records"] == 2 and trainer.data.num_train == 16
+    assert result["skipped_records"] == 2 and trainer.parts.data.num_train == 16
     warning = next(l for l in lines if "--skip_bad_records left out 2 records" in l)
     assert "train-00000-of-00001.tfrecord record 16: image does not decode" in warning
     assert "val-00000-of-00001.tfrecord record 5: image does not decode" in warning
@@ -252,6 +309,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_worker_stops_both_at_the_same_step(tmp_path, embedded_cache):
     """Without agreement the preempted worker would leave and the other hang in its next
     all-reduce; with it both save the same step and exit with EXIT_PREEMPTED."""

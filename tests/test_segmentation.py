@@ -103,7 +103,7 @@ def test_embedded_set_reads_back_with_the_stated_class_balance(seg_data):
         assert masks.dtype == tf.int32 and tuple(masks.shape[1:]) == (64, 64)
         counts += np.bincount(masks.numpy().reshape(-1), minlength=4)
     share = counts / counts.sum()
-    with open(os.path.join(os.path.dirname(data._files["val"][0]), "meta.json")) as f:
+    with open(os.path.join(os.path.dirname(data.files["val"][0]), "meta.json")) as f:
         meta = json.load(f)
     np.testing.assert_allclose(share, meta["val_class_share"], atol=1e-3)  # read back = written
     stated = np.array([p for _, p in seg.CLASSES])
@@ -213,23 +213,23 @@ def _config(tmp_path, cache, loss="ce", **train):
 
 @pytest.fixture(scope="module")
 def seg_cache(seg_data):
-    return os.path.dirname(os.path.dirname(seg_data._files["val"][0]))
+    return os.path.dirname(os.path.dirname(seg_data.files["val"][0]))
 
 
 def test_tiny_unet_run_beats_the_majority_class(tmp_path, seg_cache, capsys):
     trainer = Trainer(_config(tmp_path, seg_cache))
     result = trainer.train()
     out = capsys.readouterr().out
-    baseline = trainer.evaluation.baseline()
+    baseline = trainer.parts.evaluation.baseline()
     assert {k for k in result if k.startswith("val")} == {"val_loss", "val_mean_iou",
                                                         "val_pixel_accuracy"}
     assert baseline["baseline_mean_iou"] < 0.2  # background only: ~0.72 / 4
     assert result["val_mean_iou"] > baseline["baseline_mean_iou"] + 0.15
-    scalars = trainer.evaluation.label_scalars()
-    assert set(scalars) == {f"val_iou/{n}" for n in trainer.data.label_names}
+    scalars = trainer.parts.evaluation.label_scalars()
+    assert set(scalars) == {f"val_iou/{n}" for n in trainer.parts.data.label_names}
     assert np.isclose(np.mean(list(scalars.values())), result["val_mean_iou"])
     assert out.count("val per class (pixel shares") == 2 and "baseline_mean_iou=" in out
-    assert int(trainer.epoch.numpy()) == 2
+    assert int(trainer.parts.counters.epoch.numpy()) == 2
 
 
 @pytest.mark.parametrize("loss", ["dice", "ce+lovasz"])
@@ -242,11 +242,11 @@ def test_other_seg_losses_run_end_to_end(tmp_path, seg_cache, loss):
 
 def test_constant_seg_head_is_reported_as_collapsed(tmp_path, seg_cache):
     trainer = Trainer(_config(tmp_path, seg_cache, epochs=1))
-    logits = trainer.model.get_layer("head").get_layer("logits")
+    logits = trainer.parts.model.get_layer("head").get_layer("logits")
     logits.kernel.assign(np.zeros(logits.kernel.shape, np.float32))
     logits.bias.assign(np.array([3.0, 0.0, 0.0, 0.0], np.float32))
     trainer.evaluate()
-    warnings = trainer.evaluation.warnings
+    warnings = trainer.parts.evaluation.warnings
     assert sum("barely vary" in w and w.startswith("val: class '") for w in warnings) == 4
     assert any("100.0% of pixels are predicted as 'background'" in w for w in warnings)
     assert all("--loss=ce+lovasz" in w for w in warnings)
@@ -256,10 +256,10 @@ def test_decoded_cache_flips_image_and_mask_exactly_like_decoding(seg_data):
     batches = {}
     for cached in (False, True):
         seg_data.decoded_cache_bytes = (1 << 30) if cached else 0
-        seg_data._decoded = {}
+        seg_data.drop_decoded_cache()
         batches[cached] = [(x.numpy(), m.numpy()) for x, m in seg_data.train_dataset(
             epoch=1, global_batch=16, input_size=32, seed=5, skip_batches=2)]
-    assert seg_data._decoded and len(batches[True]) == len(batches[False]) > 0
+    assert seg_data.cached_input_sizes == (32,) and len(batches[True]) == len(batches[False]) > 0
     for (xa, ma), (xb, mb) in zip(batches[False], batches[True]):
         np.testing.assert_array_equal(xa, xb)
         np.testing.assert_array_equal(ma, mb)
@@ -268,7 +268,7 @@ def test_decoded_cache_flips_image_and_mask_exactly_like_decoding(seg_data):
 def test_decoded_cache_budget_counts_the_masks_too(seg_data):
     per_example = 32 * 32 * 3 * 4 + 32 * 32 * 4  # float32 image + int32 mask
     assert seg_data.decoded_example_bytes(32) == per_example
-    seg_data._decoded = {}
+    seg_data.drop_decoded_cache()
     seg_data.decoded_cache_bytes = seg_data.num_train * per_example - 1  # images alone would fit
     next(iter(seg_data.train_dataset(epoch=0, global_batch=16, input_size=32, seed=0)))
-    assert not seg_data._decoded
+    assert seg_data.cached_input_sizes == ()

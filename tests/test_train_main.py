@@ -14,6 +14,7 @@ def _run(*args, timeout=240):
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
+@pytest.mark.slow
 def test_train_then_resume_from_the_same_model_dir(tmp_path, embedded_cache):
     common = [f"--model_dir={tmp_path}/run", f"--cache_dir={embedded_cache}", "--backbone=tiny_cnn",
               "--batch_size=16", "--steps_per_epoch=4", "--unfreeze_at=1", "--progress=false"]
@@ -58,6 +59,7 @@ def test_csv_naming_a_missing_image_is_a_one_line_error(tmp_path, embedded_cache
     assert "train_0" in result.stderr.splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_readme_flagfile_commands_evaluate_and_export_and_a_failed_run_keeps_flags_txt(
         tmp_path, embedded_cache):
     """The documented flow: train, then `--mode=eval|export --flagfile=RUN/flags.txt`."""

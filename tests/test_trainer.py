@@ -44,7 +44,7 @@ def test_loss_falls(tmp_path, embedded_cache):
 def test_unfreeze_switch_keeps_head_slots_and_starts_backbone(tmp_path, embedded_cache):
     trainer = Trainer(_config(tmp_path, embedded_cache, epochs=3, unfreeze_at=2))
     trainer.restore()
-    backbone = trainer.model.get_layer("backbone")
+    backbone = trainer.parts.model.get_layer("backbone")
     before = _values(backbone.weights)  # kernels, gamma/beta and BN moving statistics
     trainer.enter_phase(freeze.FROZEN)
     trainer.run_epoch()
@@ -52,20 +52,20 @@ def test_unfreeze_switch_keeps_head_slots_and_starts_backbone(tmp_path, embedded
     for a, b in zip(before, _values(backbone.weights)):
         np.testing.assert_array_equal(a, b)  # frozen epochs: bit-identical
 
-    head_slots = {k: np.array(v.numpy()) for k, v in trainer.groups["head"].slots.items()}
+    head_slots = {k: np.array(v.numpy()) for k, v in trainer.parts.groups["head"].slots.items()}
     assert any(np.any(v != 0) for v in head_slots.values())
-    assert int(trainer.groups["backbone"].optimizer.iterations.numpy()) == 0
+    assert int(trainer.parts.groups["backbone"].optimizer.iterations.numpy()) == 0
     trainer.enter_phase(freeze.UNFROZEN)
-    for k, v in trainer.groups["head"].slots.items():
+    for k, v in trainer.parts.groups["head"].slots.items():
         np.testing.assert_array_equal(v.numpy(), head_slots[k])  # carried over unchanged
-    for v in trainer.groups["backbone"].slots.values():
+    for v in trainer.parts.groups["backbone"].slots.values():
         assert not np.any(v.numpy())  # fresh
     kernels = [v for v in backbone.trainable_variables if "kernel" in v.path]
     kernels_before = _values(kernels)
     trainer.run_epoch()
     assert all(not np.array_equal(a, b) for a, b in zip(kernels_before, _values(kernels)))
-    assert int(trainer.groups["backbone"].optimizer.iterations.numpy()) == 6
-    assert int(trainer.groups["head"].optimizer.iterations.numpy()) == 18
+    assert int(trainer.parts.groups["backbone"].optimizer.iterations.numpy()) == 6
+    assert int(trainer.parts.groups["head"].optimizer.iterations.numpy()) == 18
 
 
 def test_one_trace_per_phase(tmp_path, embedded_cache):
@@ -97,7 +97,7 @@ def test_keras_optimizer_fails_at_unfreeze_where_the_engine_does_not(tmp_path, e
     trainer.run_epoch()
     trainer.enter_phase(freeze.UNFROZEN)
     trainer.run_epoch()
-    assert int(trainer.groups["backbone"].optimizer.iterations.numpy()) == 6
+    assert int(trainer.parts.groups["backbone"].optimizer.iterations.numpy()) == 6
 
 
 def _checkpoints(model_dir):
@@ -125,7 +125,7 @@ def uninterrupted_run(embedded_cache, tmp_path_factory, request):
     root = tmp_path_factory.mktemp("uninterrupted")
     full = Trainer(_config(root, embedded_cache, **_RESUME, **request.param))
     full.train()
-    return full.model_dir, full.state.values(), request.param
+    return full.parts.model_dir, full.parts.state.values(), request.param
 
 
 @pytest.mark.parametrize("stop_step", [4, 12, 14], ids=["mid-epoch-1-frozen", "end-of-unfreeze-epoch", "mid-unfrozen"])
@@ -140,9 +140,9 @@ def test_resume_is_bit_identical_under_determinism(tmp_path, embedded_cache, uni
     resumed = Trainer(_config(tmp_path, embedded_cache, **_RESUME, **replicas))
     line = resumed.restore()
     assert line.startswith("resumed")
-    assert int(resumed.global_step.numpy()) == stop_step
+    assert int(resumed.parts.counters.global_step.numpy()) == stop_step
     resumed.train()
-    got = resumed.state.values()
+    got = resumed.parts.state.values()
     assert set(got) == set(expected)
     for key in expected:
         if key == "train/best_metric":
@@ -167,8 +167,8 @@ def _gradual_config(tmp_path, cache):
 def gradual_run(embedded_cache, tmp_path_factory):
     """The three-phase run kept whole, with its log lines."""
     full = Trainer(_gradual_config(tmp_path_factory.mktemp("gradual"), embedded_cache))
-    lines, line = [], full.log.line
-    full.log.line = lambda text: (lines.append(text), line(text))
+    lines = []
+    full.parts.log.listeners.append(lines.append)
     full.train()
     return full, lines
 
@@ -182,13 +182,13 @@ def test_gradual_unfreezing_traces_once_per_phase_and_trains_each_block_from_its
     for text in ("phase: frozen (2 trainable", "phase: blocks:1 (5 trainable",
                  "phase: all (14 trainable"):
         assert any(l.startswith(text) for l in lines), text
-    steps = {n: int(g.optimizer.iterations.numpy()) for n, g in full.groups.items()}
+    steps = {n: int(g.optimizer.iterations.numpy()) for n, g in full.parts.groups.items()}
     assert steps == {"backbone_00": 4, "backbone_01": 4, "backbone_02": 4, "backbone_03": 8,
                      "head": 12}
-    assert {n: g.lr_multiplier for n, g in full.groups.items()} == {
+    assert {n: g.lr_multiplier for n, g in full.parts.groups.items()} == {
         "backbone_00": 0.125, "backbone_01": 0.25, "backbone_02": 0.5, "backbone_03": 1.0,
         "head": 1.0}
-    assert int(full.unfrozen.numpy()) == 2  # the phase index
+    assert int(full.parts.counters.unfrozen.numpy()) == 2  # the phase index
 
 
 class _Died(Exception):
@@ -197,7 +197,7 @@ class _Died(Exception):
 
 def _dies_after_saving(trainer, step):
     def die():
-        if int(trainer.global_step.numpy()) == step:
+        if int(trainer.parts.counters.global_step.numpy()) == step:
             raise _Died(step)
 
     trainer.checkpointer.after_rolling_save.append(die)  # runs once the save is written
@@ -216,7 +216,7 @@ def test_gradual_resume_is_bit_identical_when_stopped_in_every_phase_and_at_a_sw
     switch to all: the resume crosses it), 10 (all), and the last one finishes; each
     checkpoint and the end state equal the uninterrupted run's, tensor for tensor."""
     full, _ = gradual_run
-    shutil.copytree(full.model_dir, tmp_path / "run")
+    shutil.copytree(full.parts.model_dir, tmp_path / "run")
     model_dir = str(tmp_path / "run")
     _keep_only(model_dir, next(p for p in _checkpoints(model_dir) if p.endswith("ckpt-2")))
     for stop, phases in ((6, {"frozen", "blocks:1"}), (8, {"blocks:1"}), (10, {"all"}),
@@ -224,14 +224,14 @@ def test_gradual_resume_is_bit_identical_when_stopped_in_every_phase_and_at_a_sw
         resumed = Trainer(_gradual_config(tmp_path, embedded_cache))
         if stop is None:
             resumed.train()
-            got, expected = resumed.state.values(), full.state.values()
+            got, expected = resumed.parts.state.values(), full.parts.state.values()
             expected.pop("train/best_metric"), got.pop("train/best_metric")
         else:
             _dies_after_saving(resumed, stop)
             with pytest.raises(_Died):
                 resumed.train()
             got = _saved(os.path.join(model_dir, "checkpoints", f"ckpt-{stop}"))
-            expected = _saved(os.path.join(full.model_dir, "checkpoints", f"ckpt-{stop}"))
+            expected = _saved(os.path.join(full.parts.model_dir, "checkpoints", f"ckpt-{stop}"))
         assert {p: t["count"] for p, t in resumed.phase_traces.items()} == dict.fromkeys(phases, 1)
         assert set(got) == set(expected)
         for key in expected:
@@ -250,16 +250,17 @@ def test_resume_at_a_switch_restarts_the_ema_of_what_starts_changing_only(
     for saved_in, restarted in ((2, ("block1", "block2", "block4")), (3, ())):
         trainer = Trainer(cfg)
         trainer.restore()
-        trainer.unfrozen.assign(saved_in)  # as restored from a checkpoint of that phase
-        for shadow, weight in zip(trainer.ema.shadows, trainer.ema.weights):
+        # as restored from a checkpoint of that phase
+        trainer.parts.counters.unfrozen.assign(saved_in)
+        for shadow, weight in zip(trainer.parts.ema.shadows, trainer.parts.ema.weights):
             shadow.assign(weight + 1.0)  # averages away from the weights
         trainer.enter_phase("all")
-        shadows = {k: v for k, v in trainer.ema.state().items() if k != "_num_updates"}
-        for (key, shadow), weight in zip(shadows.items(), trainer.ema.weights):
+        shadows = {k: v for k, v in trainer.parts.ema.state().items() if k != "_num_updates"}
+        for (key, shadow), weight in zip(shadows.items(), trainer.parts.ema.weights):
             block = key.split("/")[1].split("_")[0]
             want = weight.numpy() if block in restarted else weight.numpy() + 1.0
             np.testing.assert_array_equal(shadow.numpy(), want, err_msg=f"{saved_in} {key}")
-        assert int(trainer.unfrozen.numpy()) == 3
+        assert int(trainer.parts.counters.unfrozen.numpy()) == 3
 
 
 @pytest.mark.parametrize("first_unfreeze,second_unfreeze", [(5, 5), (5, 0), (0, 0), (0, 5)],
@@ -267,16 +268,16 @@ def test_resume_at_a_switch_restarts_the_ema_of_what_starts_changing_only(
 def test_restore_in_all_four_directions(tmp_path, embedded_cache, first_unfreeze, second_unfreeze):
     first = Trainer(_config(tmp_path, embedded_cache, epochs=1, unfreeze_at=first_unfreeze))
     first.train()
-    saved = first.state.values()
+    saved = first.parts.state.values()
     second = Trainer(_config(tmp_path, embedded_cache, epochs=2, unfreeze_at=second_unfreeze))
     line = second.restore()
     assert "missing" not in line and "wrong shape" not in line
-    got = second.state.values()
+    got = second.parts.state.values()
     assert set(got) == set(saved)
     for key in saved:
         np.testing.assert_array_equal(got[key], saved[key], err_msg=key)
     second.train()  # and it goes on in the new phase
-    assert int(second.epoch.numpy()) == 2
+    assert int(second.parts.counters.epoch.numpy()) == 2
 
 
 def _five_label_data(data_dir, names: int):
@@ -295,13 +296,13 @@ def test_head_change_warm_start_restores_backbone_and_reports_head(tmp_path, emb
     first = Trainer(_config(tmp_path / "a", embedded_cache, epochs=1))
     first.train()
     data_dir = _five_label_data(tmp_path / "five", names=5)
-    cfg = _config(tmp_path / "b", embedded_cache, epochs=1, init_checkpoint=first.model_dir)
+    cfg = _config(tmp_path / "b", embedded_cache, epochs=1, init_checkpoint=first.parts.model_dir)
     cfg = cfg.replace(data={"data_dir": str(data_dir)})
     second = Trainer(cfg)
     line = second.restore()
     assert "warm start" in line and "2 wrong shape" in line and "head/logits/kernel" in line
-    for a, b in zip(first.model.get_layer("backbone").weights,
-                    second.model.get_layer("backbone").weights):
+    for a, b in zip(first.parts.model.get_layer("backbone").weights,
+                    second.parts.model.get_layer("backbone").weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
@@ -319,7 +320,7 @@ def test_resume_into_another_model_stops_with_a_clear_error(tmp_path, embedded_c
 def test_truncated_newest_checkpoint_falls_back_with_a_warning(tmp_path, embedded_cache):
     trainer = Trainer(_config(tmp_path, embedded_cache, epochs=2))
     trainer.train()
-    newest = _checkpoints(trainer.model_dir)[-1]
+    newest = _checkpoints(trainer.parts.model_dir)[-1]
     data = [f for f in os.listdir(os.path.dirname(newest))
             if f.startswith(os.path.basename(newest) + ".data")][0]
     path = os.path.join(os.path.dirname(newest), data)
@@ -328,17 +329,17 @@ def test_truncated_newest_checkpoint_falls_back_with_a_warning(tmp_path, embedde
     again = Trainer(_config(tmp_path, embedded_cache, epochs=2))
     line = again.restore()
     assert "WARNING" in line and "unreadable" in line and line.rstrip().count("resumed") == 1
-    assert int(again.epoch.numpy()) == 1
+    assert int(again.parts.counters.epoch.numpy()) == 1
 
 
 def test_warm_start_from_a_keras_weights_file(tmp_path, embedded_cache):
     first = Trainer(_config(tmp_path / "a", embedded_cache, epochs=1))
     first.train()
     path = str(tmp_path / "model.weights.h5")
-    first.model.save_weights(path)
+    first.parts.model.save_weights(path)
     second = Trainer(_config(tmp_path / "b", embedded_cache, epochs=1, init_checkpoint=path))
     assert "warm start: restored 22 of 22 model tensors" in second.restore()
-    for a, b in zip(first.model.weights, second.model.weights):
+    for a, b in zip(first.parts.model.weights, second.parts.model.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
@@ -349,8 +350,8 @@ def test_ema_shadows_start_from_the_weights_the_run_starts_from(tmp_path, embedd
                   unfreeze_at=0, ema_decay=0.5, ema_warmup=warmup, summary_every=0)
     trainer = Trainer(cfg)
     trainer.restore()
-    bias = trainer.model.get_layer("head").get_layer("logits").bias
-    shadow = trainer.ema.state()["head/logits/bias"]
+    bias = trainer.parts.model.get_layer("head").get_layer("logits").bias
+    shadow = trainer.parts.ema.state()["head/logits/bias"]
     w0 = bias.numpy().copy()
     assert np.abs(w0).max() > 0.5  # logit(prevalence): far from the zeros it was built with
     np.testing.assert_array_equal(shadow.numpy(), w0)
@@ -364,7 +365,7 @@ def test_resume_with_changed_settings_says_what_changed_and_refuses_what_changes
     adam = OptimizerConfig(name="adam", learning_rate=0.01)
     first = Trainer(_config(tmp_path, embedded_cache, epochs=1, optimizer=adam))
     first.train()
-    saved = first.state.values()
+    saved = first.parts.state.values()
     momentum = OptimizerConfig(name="momentum", learning_rate=0.01)
     with pytest.raises(ConfigError, match=r"--optimizer adam -> momentum.*--allow_changed=optimizer"):
         Trainer(_config(tmp_path, embedded_cache, epochs=2, optimizer=momentum)).restore()
@@ -379,9 +380,9 @@ def test_resume_with_changed_settings_says_what_changed_and_refuses_what_changes
     assert "--optimizer: adam -> momentum (allowed: optimizer slots" in line
     assert "--unfreeze_layers: all -> blocks:1" in line and "--ema_decay: 0.0 -> 0.9" in line
     assert "EMA:" in line and "start from the restored weights" in line
-    for group in second.groups.values():
+    for group in second.parts.groups.values():
         assert group.slots and all(not np.any(v.numpy()) for v in group.slots.values())
-    for key, shadow in second.ema.state().items():
+    for key, shadow in second.parts.ema.state().items():
         if key != "_num_updates":
             np.testing.assert_array_equal(shadow.numpy(), saved["model/" + key])
 
@@ -391,7 +392,7 @@ def test_a_run_from_before_the_manifest_reads_its_slots_only_for_the_same_optimi
     from engine.state import TrainingState, existing_checkpoints
     first = Trainer(_config(tmp_path, embedded_cache, epochs=1))  # momentum
     first.train()
-    saved = first.state.values()
+    saved = first.parts.state.values()
     os.remove(tmp_path / "run" / "manifest.json")
     legacy = TrainingState()  # the old naming: optimizer/<group>/<variable key>/<slot>
     for key, value in saved.items():
@@ -403,11 +404,11 @@ def test_a_run_from_before_the_manifest_reads_its_slots_only_for_the_same_optimi
     line = again.restore()
     assert "has no manifest.json" in line
     for key, value in saved.items():
-        np.testing.assert_array_equal(again.state[key].numpy(), value)
+        np.testing.assert_array_equal(again.parts.state[key].numpy(), value)
     (tmp_path / "run" / "flags.txt").write_text("--optimizer=adam\n")
     other = Trainer(_config(tmp_path, embedded_cache, epochs=2))
     assert "optimizer slots start fresh" in other.restore()
-    assert not any(np.any(v.numpy()) for v in other.groups["head"].slots.values())
+    assert not any(np.any(v.numpy()) for v in other.parts.groups["head"].slots.values())
 
 
 def test_labels_that_no_training_record_carries_are_named(tmp_path, embedded_cache, capsys):

@@ -190,21 +190,21 @@ class FitArm(Arm):
 
     def __init__(self, trainer, dataset, steps_per_execution: int, jit_compile: bool = False):
         super().__init__(f"keras_fit/spe={steps_per_execution}", SYNTHETIC, steps_per_execution)
-        c = trainer.config
+        c = trainer.parts.config
         self.trainer = trainer
         self.dataset = dataset
         self.steps_per_execution = steps_per_execution
-        with trainer.strategy.scope():
+        with trainer.parts.strategy.scope():
             # A second functional Model over the same layers: same weights and
             # trainable flags, but its own compile state, so the two fit arms
             # (different steps_per_execution) never recompile each other.
-            self.model = keras.Model(trainer.model.inputs, trainer.model.outputs,
+            self.model = keras.Model(trainer.parts.model.inputs, trainer.parts.model.outputs,
                                      name=f"keras_fit_spe{steps_per_execution}")
-            schedule = make_schedule(c.optimizer, trainer.steps_per_epoch, c.train.epochs)
+            schedule = make_schedule(c.optimizer, trainer.parts.steps_per_epoch, c.train.epochs)
             self.optimizer = make_keras_optimizer(c.optimizer, schedule,
                                                   name=f"fit_spe{steps_per_execution}",
                                                   fused=False)
-            self.model.compile(optimizer=self.optimizer, loss=_KerasLoss(trainer.loss_fn),
+            self.model.compile(optimizer=self.optimizer, loss=_KerasLoss(trainer.parts.loss_fn),
                                steps_per_execution=steps_per_execution,
                                jit_compile=bool(jit_compile))
 

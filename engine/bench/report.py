@@ -3,6 +3,7 @@
     format_table(records)    what --mode=benchmark prints: the arms, then the measured ratios
     markdown_table(records)  records of many runs (benchmarks/run_standard.py)
     record_ratio(record)     (prefix, label) of the ratio a record carries, if any
+    cpu_flags_text(record)   the CPU's bfloat16-related flags, as the machine line shows them
 
 Plain Python on the records' fields; no TensorFlow. A ratio's target is not
 a record field the engine writes: a caller that judges the records (the
@@ -52,9 +53,21 @@ def _ratio_text(rec, prefix, digits) -> str:
 
 
 def _versions_text(r0, tensorflow="TF") -> str:
-    return (f"{r0['cpu_model']}, {r0['cores']} cores; {tensorflow} {r0['tensorflow']}, "
+    return (f"{r0['cpu_model']}, {r0['cores']} cores{cpu_flags_text(r0)}; "
+            f"{tensorflow} {r0['tensorflow']}, "
             f"Keras {r0['keras']}, NumPy {r0['numpy']}; threads inter={r0['inter_op_threads']} "
             f"intra={r0['intra_op_threads']} (0 = TF default)")
+
+
+def cpu_flags_text(r0) -> str:
+    """", CPU flags: avx512f avx512_vnni; not: avx512_bf16 ..." ("" when the record has none)."""
+    flags = r0.get("cpu_flags")
+    if not flags:
+        return ""
+    have = [name for name, present in flags.items() if present]
+    lacks = [name for name, present in flags.items() if not present]
+    return (f", CPU flags: {' '.join(have) or 'none of ' + ' '.join(lacks)}"
+            + (f"; not: {' '.join(lacks)}" if have and lacks else ""))
 
 
 # ------------------------------------------------------------ one run

@@ -21,6 +21,20 @@ arms, each timed side by side with the main synthetic arm
              (the default strategy's device): mirrored x1 / default
   k1         the same trainer and traced loop called with 1 step per call
              (K is a tensor: no retrace): K=1 / K
+  bf16       a second Trainer built with --mixed_precision=bfloat16 (float32
+             if the run is bfloat16): bfloat16 / float32
+  xla        a second Trainer with --jit_compile on (off if the run has it
+             on): XLA / no XLA. Its arm runs --benchmark_xla_steps_per_loop
+             steps per call (default K): a window is whole calls, and where
+             XLA is several times slower (MobileNetV2 on this CPU, DESIGN.md)
+             K steps make each of its windows minutes long. Fewer steps per
+             call add the per-call cost to that arm only; the k1 comparison
+             measures that cost: with r = K=1 / K, XLA / no XLA reads low
+             by about (1 - r) x (1/K' - 1/K) / (1 - 1/K) (first order; if
+             XLA's own per-call cost is like the plain loop's).
+
+The time to the first step of each arm (time_to_first_step_s) is reported
+apart from its rates: for the xla arm it is the trace plus XLA's compile.
 
 Each Trainer builds its own model (and optimizer, EMA) from the same config
 and seed, so the arms differ only in the one thing compared. Trainers are
@@ -32,6 +46,10 @@ median steps/s; fraction_of_peak divides it by the best 2048 x 2048 matmul
 timed in this process before the windows and after every round. On a busy
 machine the peak reads low and the fraction high (even > 1): compare
 fractions from a quiet machine only.
+
+Each record says its own arm's precision and jit_compile (a bf16 or xla arm
+differs from the run's). fraction_of_peak is against the run's matmul peak
+(matmul_peak_dtype) for every arm, the bf16 arm's too.
 
 Precision: --mixed_precision=bfloat16|float16 sets Keras' mixed policy
 (engine/precision.py) for the whole run, so the fit arm's model gets it too
@@ -109,17 +127,17 @@ class _Run:
         self.phases: Dict[int, str] = {}  # id(trainer) -> the phase it was entered in
         self.phase = freeze.FROZEN if config.freeze.unfreeze_at > 0 else freeze.UNFROZEN
         self.trainer = self.new_trainer(config, self.phase)
-        self.config = c = self.trainer.config
+        self.config = c = self.trainer.parts.config
         self.k = c.train.steps_per_loop
         self.arms: List[Arm] = []
         self.comparisons: List[Comparison] = []
 
         def epoch_dataset():
-            t = self.trainer
-            return t.data.train_dataset(
-                epoch=0, global_batch=c.train.batch_size // t.num_workers,
+            p = self.trainer.parts
+            return p.data.train_dataset(
+                epoch=0, global_batch=c.train.batch_size // p.num_workers,
                 input_size=c.model.input_size, seed=c.train.seed, augment=c.data.augment,
-                num_shards=t.num_workers, shard_index=t.worker_index)
+                num_shards=p.num_workers, shard_index=p.worker_index)
 
         # Synthetic: the first real batch, kept in memory and repeated.
         self.first_batch = next(iter(epoch_dataset()))
@@ -210,8 +228,32 @@ def _add_k1(run: _Run) -> None:
     run.add(arm, "k1_over_k", f"K=1 / K={run.k}")
 
 
+def _add_bf16(run: _Run) -> None:
+    own = run.config.train.mixed_precision  # float32 or bfloat16 (config.py refuses float16)
+    other_precision = "float32" if own == "bfloat16" else "bfloat16"
+    other = run.variant(run.phase, {"mixed_precision": other_precision})
+    arm = EngineArm(f"engine/{other_precision}", SYNTHETIC, other, run.synthetic, run.k)
+    bf16, f32 = (arm.name, REFERENCE) if other_precision == "bfloat16" else (REFERENCE, arm.name)
+    run.add(arm, "bf16_over_float32", "bfloat16 / float32", num=bf16, den=f32)
+
+
+def _add_xla(run: _Run) -> None:
+    own = run.config.train.jit_compile
+    k = run.config.benchmark.xla_steps_per_loop or run.k
+    try:
+        other = run.variant(run.phase, {"jit_compile": not own})
+    except ConfigError as e:  # e.g. XLA with several replicas
+        raise ConfigError(f"--benchmark_compare=xla: {e}") from None
+    arm = EngineArm("engine/xla=off" if own else "engine/xla", SYNTHETIC, other,
+                    run.synthetic, k)
+    xla, off = (REFERENCE, arm.name) if own else (arm.name, REFERENCE)
+    xla_k, off_k = (run.k, k) if own else (k, run.k)
+    at_k = f" (XLA at K={xla_k}, no XLA at K={off_k})" if k != run.k else ""
+    run.add(arm, "xla_over_off", "XLA / no XLA" + at_k, num=xla, den=off)
+
+
 _COMPARISONS = {"keras_fit": _add_keras_fit, "ema": _add_ema, "frozen": _add_frozen,
-                "mirrored1": _add_mirrored1, "k1": _add_k1}
+                "mirrored1": _add_mirrored1, "k1": _add_k1, "bf16": _add_bf16, "xla": _add_xla}
 
 
 # --------------------------------------------------------------- timing
@@ -223,8 +265,8 @@ def _count_flops(run: _Run):
     for arm in run.arms:
         phase = run.phase_of(arm)
         if phase not in flops:
-            flops[phase] = flop_count.train_step_flops(arm.trainer.model, arm.trainer.loss_fn,
-                                                       images, labels)
+            flops[phase] = flop_count.train_step_flops(arm.trainer.parts.model,
+                                                       arm.trainer.parts.loss_fn, images, labels)
     return flops, time.perf_counter() - tic
 
 
@@ -237,17 +279,23 @@ def _engine_trainers(run: _Run) -> list:
     return list({id(a.trainer): a.trainer for a in run.arms if isinstance(a, EngineArm)}.values())
 
 
+def _check_xla(arm: Arm) -> None:
+    """An engine arm whose trainer asks for XLA must run its step under XLA (after warm-up)."""
+    if (isinstance(arm, EngineArm) and arm.trainer.parts.config.train.jit_compile
+            and not arm.xla_compiled()):
+        raise ConfigError(
+            f"--jit_compile: the traced loop of {arm.name} holds no XLA-compiled function; "
+            "nothing was timed")
+
+
 def _time_arms(run: _Run):
     """Warms every arm up, then alternates the windows; (peak samples, retraces per trainer)."""
     c = run.config
     compute_dtype = keras.config.dtype_policy().compute_dtype
     peaks = [flop_count.matmul_peak_flops(compute_dtype)]
-    for i, arm in enumerate(run.arms):
+    for arm in run.arms:
         arm.warm_up(c.benchmark.window_s)
-        if i == 0 and c.train.jit_compile and not arm.xla_compiled():
-            raise ConfigError(
-                "--jit_compile: the engine's traced loop holds no XLA-compiled function; "
-                "nothing was timed")
+        _check_xla(arm)
     trainers = _engine_trainers(run)
     before = {id(t): _trace_count(t) for t in trainers}
     # A peak sample per round (~0.4 s): the best one is the machine's least
@@ -286,7 +334,6 @@ def _common_fields(run: _Run, flops_s: float, peaks: List[float]) -> dict:
         "backbone": c.model.backbone,
         "input_shape": [c.model.input_size, c.model.input_size, 3],
         "global_batch": c.train.batch_size,
-        "precision": keras.config.dtype_policy().name,
         "optimizer": c.optimizer.name,
         "compare": list(b.compares()),
         "windows": b.windows, "window_s": b.window_s,
@@ -312,11 +359,13 @@ def _arm_record(run: _Run, arm: Arm, common: dict, step_flops: Dict[str, int],
     achieved = step_flops["step"] * s["median"]
     rec = {"arm": arm.name, "engine": "tapeworks" if arm.kind == "engine" else "keras_fit",
            **common,
-           "strategy": t.config.train.strategy,
-           "replicas": int(t.strategy.num_replicas_in_sync),
+           "strategy": t.parts.config.train.strategy,
+           "replicas": int(t.parts.strategy.num_replicas_in_sync),
            "frozen": run.phase_of(arm) == freeze.FROZEN,
-           "ema_decay": t.config.train.ema_decay,
-           "jit_compile": run.config.train.jit_compile,
+           "ema_decay": t.parts.config.train.ema_decay,
+           # The arm's own: a bf16 or xla arm's trainer differs from the run's.
+           "precision": precision.POLICIES[t.parts.config.train.mixed_precision],
+           "jit_compile": t.parts.config.train.jit_compile,
            "steps_per_loop": arm.steps_per_loop, "input": arm.input,
            **{f"{stat}_steps_per_sec": s[stat] for stat in ("median", "min", "max", "spread")},
            **{f"{stat}_examples_per_sec": s[stat] * batch for stat in ("median", "min", "max")},

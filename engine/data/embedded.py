@@ -105,34 +105,48 @@ def generate(n, rng):
     return np.clip(np.rint(images), 0, 255).astype(np.uint8), label_lists
 
 
-def ensure(cache_dir):
+def ensure(cache_dir, num_train=NUM_TRAIN, num_val=NUM_VAL):
     """Return the dataset directory, creating it atomically on first use.
 
-    Two processes may race here: each writes into its own temp dir inside
-    cache_dir and renames it into place; the loser deletes its copy and uses
-    the winner's. The final directory therefore only ever exists complete.
+    num_train, num_val: the split sizes to generate (the stored set has the
+    defaults; a smaller set builds in a moment for a tool or a test).
     """
-    final = os.path.join(cache_dir, DIRNAME)
-    if os.path.isfile(os.path.join(final, "meta.json")):
-        return final
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{DIRNAME}.tmp-", dir=cache_dir)
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the cache may be shared
+    def fill(directory):
         rng = np.random.default_rng(GENERATOR_SEED)
         meta = {"version": 1, "generator_seed": GENERATOR_SEED, "image_size": SIZE,
                 "label_names": LABEL_NAMES}
-        for split, n, shards in (("train", NUM_TRAIN, TRAIN_SHARDS), ("val", NUM_VAL, VAL_SHARDS)):
+        for split, n, shards in (("train", num_train, TRAIN_SHARDS), ("val", num_val, VAL_SHARDS)):
             images, labels = generate(n, rng)
-            write_tfrecords(os.path.join(tmp, split), images, labels,
+            write_tfrecords(os.path.join(directory, split), images, labels,
                             names=[f"{split}_{i:05d}" for i in range(n)], num_shards=shards)
             hot = np.zeros((n, len(LABELS)))
             for i, l in enumerate(labels):
                 hot[i, l] = 1
             meta[f"num_{split}"] = n
             meta[f"{split}_prevalence"] = [round(float(p), 4) for p in hot.mean(0)]
+        return meta
+
+    return build_once(cache_dir, DIRNAME, fill, LABEL_NAMES)
+
+
+def build_once(cache_dir, dirname, fill, names) -> str:
+    """cache_dir/dirname, made on first use by fill(directory) -> meta, plus labels.txt (names)
+    and meta.json, the mark of a complete set.
+
+    Two processes may race here: each fills its own temp dir inside cache_dir
+    and renames it into place; the loser deletes its copy and uses the
+    winner's. The final directory therefore only ever exists complete.
+    """
+    final = os.path.join(cache_dir, dirname)
+    if os.path.isfile(os.path.join(final, "meta.json")):
+        return final
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{dirname}.tmp-", dir=cache_dir)
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the cache may be shared
+        meta = fill(tmp)
         with open(os.path.join(tmp, "labels.txt"), "w") as fh:
-            fh.write("\n".join(LABEL_NAMES) + "\n")
+            fh.write("\n".join(names) + "\n")
         with open(os.path.join(tmp, "meta.json"), "w") as fh:
             json.dump(meta, fh, indent=1)
         try:

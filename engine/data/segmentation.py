@@ -32,13 +32,11 @@ a mean IoU of about 0.7 / 4. The generator seed is fixed; the stored copy is
 
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 import tensorflow as tf
 
-from engine.data import csv_source, tfrecord
+from engine.data import csv_source, embedded, tfrecord
 from engine.data.errors import DataError
 from engine.data.decode import decode_for_eval
 from engine.data.source import AUTOTUNE, DataSource, flip_rows
@@ -102,10 +100,6 @@ def generate(n, rng):
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
 
-def _png(array):
-    return tf.io.encode_png(np.asarray(array, np.uint8)).numpy()
-
-
 def write_seg_tfrecords(path_prefix, images, masks, names=None, num_shards=1):
     """Writes (image, mask) pairs in the schema above; returns the file paths.
 
@@ -115,58 +109,35 @@ def write_seg_tfrecords(path_prefix, images, masks, names=None, num_shards=1):
     n = len(images)
     if len(masks) != n or (names is not None and len(names) != n):
         raise ValueError("images, masks and names must have the same length")
-    os.makedirs(os.path.dirname(os.path.abspath(path_prefix)), exist_ok=True)
-    paths = []
-    for shard, idx in enumerate(np.array_split(np.arange(n), max(1, num_shards))):
-        path = f"{path_prefix}-{shard:05d}-of-{num_shards:05d}.tfrecord"
-        with tf.io.TFRecordWriter(path) as w:
-            for i in idx:
-                img, mask = images[i], masks[i]
-                mask = mask if isinstance(mask, bytes) else np.asarray(mask, np.uint8)
-                if not isinstance(mask, bytes) and mask.ndim == 2:
-                    mask = mask[..., None]
-                feats = {tfrecord.ENCODED: tfrecord.bytes_feature(img if isinstance(img, bytes) else _png(img)),
-                         MASK: tfrecord.bytes_feature(mask if isinstance(mask, bytes) else _png(mask))}
-                if names is not None:
-                    feats[tfrecord.NAME] = tfrecord.bytes_feature(str(names[i]).encode())
-                example = tf.train.Example(features=tf.train.Features(feature=feats))
-                w.write(example.SerializeToString(deterministic=True))
-        paths.append(path)
-    return paths
+
+    def features(i):
+        mask = masks[i]
+        if not isinstance(mask, bytes):
+            mask = np.asarray(mask, np.uint8)
+            mask = mask[..., None] if mask.ndim == 2 else mask
+        return {tfrecord.ENCODED: tfrecord.bytes_feature(tfrecord.png_bytes(images[i])),
+                MASK: tfrecord.bytes_feature(tfrecord.png_bytes(mask))}
+
+    return tfrecord.write_sharded(path_prefix, n, features, names=names, num_shards=num_shards)
 
 
 def ensure_embedded(cache_dir):
     """The embedded segmentation set's directory, created atomically on first use."""
-    final = os.path.join(cache_dir, DIRNAME)
-    if os.path.isfile(os.path.join(final, "meta.json")):
-        return final
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{DIRNAME}.tmp-", dir=cache_dir)
-    try:
-        os.chmod(tmp, 0o755)
+    def fill(directory):
         rng = np.random.default_rng(GENERATOR_SEED)
         meta = {"version": 1, "generator_seed": GENERATOR_SEED, "image_size": SIZE,
                 "class_names": CLASS_NAMES}
         for split, n, shards in (("train", NUM_TRAIN, TRAIN_SHARDS), ("val", NUM_VAL, VAL_SHARDS)):
             images, masks = generate(n, rng)
-            write_seg_tfrecords(os.path.join(tmp, split), images, masks,
+            write_seg_tfrecords(os.path.join(directory, split), images, masks,
                                 names=[f"{split}_{i:05d}" for i in range(n)], num_shards=shards)
             counts = np.bincount(masks.reshape(-1), minlength=len(CLASSES))
             meta[f"num_{split}"] = n
             meta[f"{split}_pixel_counts"] = [int(c) for c in counts]
             meta[f"{split}_class_share"] = [round(float(c) / counts.sum(), 4) for c in counts]
-        with open(os.path.join(tmp, "labels.txt"), "w") as fh:
-            fh.write("\n".join(CLASS_NAMES) + "\n")
-        with open(os.path.join(tmp, "meta.json"), "w") as fh:
-            json.dump(meta, fh, indent=1)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not os.path.isfile(os.path.join(final, "meta.json")):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+        return meta
+
+    return embedded.build_once(cache_dir, DIRNAME, fill, CLASS_NAMES)
 
 
 # ------------------------------------------------------------------ reading
@@ -219,10 +190,10 @@ class _SegSource(DataSource):
 class _SegTFRecordSource(_SegSource):
     def __init__(self, files, **kw):
         super().__init__(**kw)
-        self._files = files
+        self.files = files  # split -> the TFRecord files read, in order
 
     def _elements(self, split):
-        return tfrecord.file_records(self._files[split])
+        return tfrecord.file_records(self.files[split])
 
     def _pair(self, serialized, filename, index):
         ex = tf.io.parse_single_example(serialized, _FEATURES)

@@ -202,6 +202,19 @@ class DataSource:
     def _fits(self, count, input_size):
         return count * self.decoded_example_bytes(input_size) <= self.decoded_cache_bytes
 
+    @property
+    def cached_input_sizes(self):
+        """The input sizes whose decoded train split is held in host memory.
+
+        At most one: the cache keeps one size at a time. A tool sizing
+        --decoded_cache_mb can see whether the cache was used at all.
+        """
+        return tuple(self._decoded)
+
+    def drop_decoded_cache(self):
+        """Frees the decoded train split; the next epoch decodes (or caches) again."""
+        self._decoded = {}
+
     def decoded_example_bytes(self, input_size):
         """Host bytes of one decoded example: float32 pixels and float32 label vector."""
         return input_size * input_size * 3 * 4 + self.num_labels * 4
@@ -397,11 +410,11 @@ class DataSource:
 class _TFRecordSource(DataSource):
     def __init__(self, files, counts=None, **kw):
         super().__init__(**kw)
-        self._files = files
+        self.files = files  # split -> the TFRecord files read, in order
         self._counts = counts or {}  # split -> records readable per file (None: all)
 
     def _elements(self, split):
-        return tfrecord.file_records(self._files[split], self._counts.get(split))
+        return tfrecord.file_records(self.files[split], self._counts.get(split))
 
     def _to_example(self, serialized, filename, index):
         return tfrecord.parse(serialized, filename, index, self.num_labels, with_size=True)

@@ -71,22 +71,39 @@ def write_tfrecords(path_prefix, images_uint8, label_index_lists, names=None, nu
     n = len(images_uint8)
     if len(label_index_lists) != n or (names is not None and len(names) != n):
         raise ValueError("images, label_index_lists and names must have the same length")
+
+    def features(i):
+        labels = [int(v) for v in label_index_lists[i]]
+        return {ENCODED: bytes_feature(png_bytes(images_uint8[i])),
+                LABELS: tf.train.Feature(int64_list=tf.train.Int64List(value=labels))}
+
+    return write_sharded(path_prefix, n, features, names=names, num_shards=num_shards)
+
+
+def png_bytes(image) -> bytes:
+    """An image array as PNG bytes; bytes (already encoded, or deliberately broken) as they are."""
+    if isinstance(image, bytes):
+        return image
+    return tf.io.encode_png(np.asarray(image, np.uint8)).numpy()
+
+
+def write_sharded(path_prefix, n, features, *, names=None, num_shards=1):
+    """Writes examples 0..n-1 (features(i) -> {key: tf.train.Feature}, plus NAME when names
+    are given) into num_shards contiguous files; returns their paths.
+
+    Serialized deterministically (map order), so the same input gives byte-identical files.
+    """
     os.makedirs(os.path.dirname(os.path.abspath(path_prefix)), exist_ok=True)
     paths = []
     for shard, idx in enumerate(np.array_split(np.arange(n), max(1, num_shards))):
         path = f"{path_prefix}-{shard:05d}-of-{num_shards:05d}.tfrecord"
         with tf.io.TFRecordWriter(path) as w:
             for i in idx:
-                img = images_uint8[i]
-                data = img if isinstance(img, bytes) else tf.io.encode_png(np.asarray(img, np.uint8)).numpy()
-                feats = {
-                    ENCODED: bytes_feature(data),
-                    LABELS: tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v) for v in label_index_lists[i]])),
-                }
+                feats = features(i)
                 if names is not None:
                     feats[NAME] = bytes_feature(str(names[i]).encode())
                 example = tf.train.Example(features=tf.train.Features(feature=feats))
-                w.write(example.SerializeToString(deterministic=True))  # map order: byte-identical files
+                w.write(example.SerializeToString(deterministic=True))
         paths.append(path)
     return paths
 
