@@ -38,6 +38,9 @@ flags.DEFINE_integer("steps_per_loop", 20, "K, steps per traced call (and fit's 
 flags.DEFINE_integer("windows", 5, "Alternated windows per arm.")
 flags.DEFINE_float("window_s", 2.0, "Seconds per window.")
 flags.DEFINE_string("cache_dir", "~/.cache/tapeworks", "Where the embedded data set lives.")
+flags.DEFINE_bool("guard_parts", False, "Add the bare loop plus each part of the engine's "
+                  "non-finite guard in turn (see guard_loops).")
+flags.DEFINE_string("arms", "", "Comma-separated arm names to keep (default: all).")
 FLAGS = flags.FLAGS
 
 
@@ -72,6 +75,86 @@ def bare_loops(model, loss_fn, optimizer, keras_optimizer):
             "forward": make(False, False)}
 
 
+def forward_written_state(model):
+    """BatchNorm moving statistics (and seed state) of leaf layers that train: what a
+    training-mode forward pass writes (the engine's guard puts them back on a bad step)."""
+    out, seen = [], set()
+
+    def walk(layer):
+        children = list(getattr(layer, "_layers", []))
+        if not children and layer.trainable:
+            for v in layer.non_trainable_variables:
+                if id(v) not in seen and tf_floating(v):
+                    seen.add(id(v))
+                    out.append(v)
+        for child in children:
+            walk(child)
+
+    walk(model)
+    return out
+
+
+def tf_floating(v):
+    import tensorflow as tf
+    return tf.as_dtype(v.dtype).is_floating
+
+
+def guard_loops(model, loss_fn, optimizer):
+    """{name: run_steps} of the bare loop with the guard's parts added one at a time.
+
+    cond(loss)      the apply under tf.cond(isfinite(loss)): only the wait for all
+                    gradients before any update (and the cond's switches)
+    cond(norm)      ok also needs isfinite(global_norm(grads))
+    +bn_sum         ok also needs the sum of every written BN statistic finite
+    +put_back       the statistics read before the forward and put back under
+                    tf.cond(not ok): the engine's guard, part by part
+    """
+    import tensorflow as tf
+
+    from engine.variables import as_tf_variable
+
+    variables = model.trainable_variables
+    written = [as_tf_variable(v) for v in forward_written_state(model)]
+
+    def make(norm: bool, bn_sum: bool, put_back: bool):
+        @tf.function
+        def loop(iterator, k):
+            loss = tf.constant(0.0)
+            for _ in tf.range(k):
+                images, labels = next(iterator)
+                before = [v.read_value() for v in written] if put_back else []
+                with tf.GradientTape() as tape:
+                    loss = tf.reduce_mean(loss_fn(labels, model(images, training=True)))
+                grads = tape.gradient(loss, variables)
+                ok = tf.math.is_finite(loss)
+                if norm:
+                    ok &= tf.math.is_finite(tf.linalg.global_norm(grads))
+                if bn_sum:
+                    ok &= tf.math.is_finite(tf.add_n([tf.reduce_sum(v.read_value())
+                                                      for v in written]))
+                if put_back:
+                    def back():
+                        for v, value in zip(written, before):
+                            v.assign(value)
+                        return tf.constant(True)
+                    tf.cond(ok, lambda: tf.constant(False), back)
+
+                def apply():
+                    optimizer.apply_gradients(zip(grads, variables))
+                    return tf.constant(True)
+                tf.cond(ok, apply, lambda: tf.constant(False))
+            return loss, tf.constant(0.0)
+
+        def run_steps(iterator, num_steps):
+            return loop(iterator, tf.constant(num_steps, tf.int32))
+        return run_steps
+
+    return {"bare+cond(loss)": make(False, False, False),
+            "bare+cond(norm)": make(True, False, False),
+            "+bn_sum": make(True, True, False),
+            "+put_back": make(True, True, True)}
+
+
 def main(argv):
     del argv
     import tensorflow as tf
@@ -100,11 +183,19 @@ def main(argv):
     for name, run_steps in bare_loops(trainer.model, trainer.loss_fn, optimizer,
                                       keras_optimizer).items():
         arms.append(LoopArm(name, "synthetic", run_steps, synthetic, k))
+    if FLAGS.guard_parts:
+        guard_optimizer = make_keras_optimizer(config.optimizer, schedule, name="guarded")
+        for name, run_steps in guard_loops(trainer.model, trainer.loss_fn,
+                                           guard_optimizer).items():
+            arms.append(LoopArm(name, "synthetic", run_steps, synthetic, k))
     arms.append(FitArm(trainer, synthetic, k))
+    if FLAGS.arms:
+        keep = set(FLAGS.arms.split(",")) | {"bare"}
+        arms = [arm for arm in arms if arm.name in keep or arm.kind in keep]
     for arm in arms:
         arm.warm_up(FLAGS.window_s)
     alternate(arms, FLAGS.windows, FLAGS.window_s)
-    bare = arms[1]
+    bare = next(arm for arm in arms if arm.name == "bare")
     print(f"{FLAGS.backbone} {FLAGS.input_size}x{FLAGS.input_size} batch {FLAGS.batch_size}, "
           f"K={k}, {FLAGS.windows} alternated windows of >= {FLAGS.window_s} s")
     print(f"{'arm':<18} {'steps/s':>9} {'ms/step':>8}  {'/ bare (median [min - max])':<28}")
