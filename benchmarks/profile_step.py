@@ -9,12 +9,15 @@ taken between windows measured side by side. Every arm trains the same
 model's variables (each with its own optimizer), K steps per traced call:
 
     engine           the Trainer's train loop (guard, param groups, clipping)
+    engine/K=1       the same at one step per call (--one_step, with keras_fit/spe=1)
     bare             a minimal K-step loop: tape, mean loss, apply_gradients
                      (the engine's optimizer: Keras' with fused TF kernels)
     bare/keras_opt   the bare loop with Keras' own optimizer class
     forward+backward the bare loop without the optimizer's apply
     forward          the bare loop's forward pass and loss only
     keras_fit        Keras model.fit, steps_per_execution=K
+    bare+cond(loss) ... +put_back   the bare loop with the parts of the guard the
+                     engine had before 2026-12-03, one at a time (--guard_parts)
 
 So engine/bare is what the engine's own machinery costs (the non-finite
 guard, parameter groups), fit/bare what Keras' does, bare/keras_opt what
@@ -40,6 +43,8 @@ flags.DEFINE_float("window_s", 2.0, "Seconds per window.")
 flags.DEFINE_string("cache_dir", "~/.cache/tapeworks", "Where the embedded data set lives.")
 flags.DEFINE_bool("guard_parts", False, "Add the bare loop plus each part of the engine's "
                   "non-finite guard in turn (see guard_loops).")
+flags.DEFINE_bool("one_step", False, "Add the engine at K=1 and Keras fit at "
+                  "steps_per_execution=1 (ratios of those two are engine / fit at one step per call).")
 flags.DEFINE_string("arms", "", "Comma-separated arm names to keep (default: all).")
 FLAGS = flags.FLAGS
 
@@ -189,9 +194,13 @@ def main(argv):
                                            guard_optimizer).items():
             arms.append(LoopArm(name, "synthetic", run_steps, synthetic, k))
     arms.append(FitArm(trainer, synthetic, k))
+    if FLAGS.one_step:
+        arms += [EngineArm("engine/K=1", "synthetic", trainer, synthetic, 1),
+                 FitArm(trainer, synthetic, 1)]
     if FLAGS.arms:
         keep = set(FLAGS.arms.split(",")) | {"bare"}
-        arms = [arm for arm in arms if arm.name in keep or arm.kind in keep]
+        arms = [arm for arm in arms if arm.name in keep or arm.name.split("/")[0] in keep
+                and arm.name != "bare/keras_opt"]
     for arm in arms:
         arm.warm_up(FLAGS.window_s)
     alternate(arms, FLAGS.windows, FLAGS.window_s)

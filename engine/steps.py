@@ -106,7 +106,9 @@ def make_train_loop(*, model, loss_fn: Callable, groups: Dict[str, ParamGroup],
     apply = _cross_replica_apply(strategy, {n: groups[n] for n in names}, phase_variables,
                                  with_grads, after_step, clipvalue=clipvalue, clipnorm=clipnorm,
                                  global_clipnorm=global_clipnorm)
-    learning_rates = {n: (lambda n=n: groups[n].optimizer.learning_rate) for n in names}
+    count = _step_counter(guard, loss_scale)
+    write_summaries = _summary_writer(summaries, strategy, global_step, guard, with_grads,
+                                      {n: groups[n] for n in names})
 
     @tf.function
     def train_loop(iterator, num_steps):
@@ -121,27 +123,50 @@ def make_train_loop(*, model, loss_fn: Callable, groups: Dict[str, ParamGroup],
             loss, grads, norm_r, ok_r = out[:4]
             loss, norm, ok = first(loss)[0], first(norm_r)[0], first(ok_r)[0]
             tf.cond(ok, lambda: apply(grads, norm_r), lambda: tf.constant(False))
-            if loss_scale is not None:
-                # An overflow is the scale search at work, not divergence.
-                counted_ok = tf.logical_or(ok, loss_scale.is_overflow(ok))
-                loss_scale.update(ok)
-            else:
-                counted_ok = ok
-            guard.record(counted_ok, images, labels)
+            count(ok, images, labels)
             total += tf.where(ok, loss, 0.0)
             good += tf.cast(ok, tf.float32)
-            if summaries is not None:
-                summaries.write(
-                    step=global_step + 1, loss=loss, norm=norm,
-                    grads=[first(g)[0] for g in grads], variables=with_grads(),
-                    learning_rates=learning_rates, bad_steps=guard.bad_steps,
-                    images=images, labels=labels,
-                    logits=first(out[4])[0] if want_logits else None)
+            if write_summaries is not None:
+                write_summaries(loss, norm, grads, images, labels, out[4] if want_logits else None)
             global_step.assign_add(1)
         mean = tf.where(good > 0, total / tf.maximum(good, 1.0), float("nan"))
         return mean, norm
 
     return train_loop, traces
+
+
+def _step_counter(guard: StepGuard, loss_scale: Optional[DynamicLossScale]) -> Callable:
+    """count(ok, images, labels), cross-replica, once per step: the guard's counters and
+    the loss scale's search. A float16 overflow step is skipped like any non-finite one
+    but is the scale search at work, not divergence: the guard does not count it."""
+    def count(ok, images, labels):
+        counted_ok = ok
+        if loss_scale is not None:
+            counted_ok = tf.logical_or(ok, loss_scale.is_overflow(ok))
+            loss_scale.update(ok)
+        guard.record(counted_ok, images, labels)
+
+    return count
+
+
+def _summary_writer(summaries: Optional[StepSummaries], strategy, global_step, guard,
+                    with_grads: Callable[[], List], groups: Dict[str, ParamGroup]):
+    """write(loss, norm, grads, images, labels, logits) of the step's in-graph summaries
+    (cross-replica, replica-agreeing values taken from the first replica), or None when
+    summaries are off: then not a single summary op is traced."""
+    if summaries is None:
+        return None
+    first = strategy.experimental_local_results
+    learning_rates = {n: (lambda g=g: g.optimizer.learning_rate) for n, g in groups.items()}
+
+    def write(loss, norm, grads, images, labels, logits):
+        summaries.write(step=global_step + 1, loss=loss, norm=norm,
+                        grads=[first(g)[0] for g in grads], variables=with_grads(),
+                        learning_rates=learning_rates, bad_steps=guard.bad_steps,
+                        images=images, labels=labels,
+                        logits=first(logits)[0] if logits is not None else None)
+
+    return write
 
 
 def _replica_forward(model, loss_fn: Callable, variables: List, has_grad: List[bool], *,
