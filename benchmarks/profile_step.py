@@ -45,6 +45,8 @@ flags.DEFINE_bool("guard_parts", False, "Add the bare loop plus each part of the
                   "non-finite guard in turn (see guard_loops).")
 flags.DEFINE_bool("one_step", False, "Add the engine at K=1 and Keras fit at "
                   "steps_per_execution=1 (ratios of those two are engine / fit at one step per call).")
+flags.DEFINE_integer("summaries", 0, "Add the engine with --summary_every=N and a "
+                     "TensorBoard writer set (a second Trainer; 0: no such arm).")
 flags.DEFINE_string("arms", "", "Comma-separated arm names to keep (default: all).")
 FLAGS = flags.FLAGS
 
@@ -122,32 +124,36 @@ def guard_loops(model, loss_fn, optimizer):
     written = [as_tf_variable(v) for v in forward_written_state(model)]
 
     def make(norm: bool, bn_sum: bool, put_back: bool):
+        def step(images, labels):
+            before = [v.read_value() for v in written] if put_back else []
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(loss_fn(labels, model(images, training=True)))
+            grads = tape.gradient(loss, variables)
+            ok = tf.math.is_finite(loss)
+            if norm:
+                ok &= tf.math.is_finite(tf.linalg.global_norm(grads))
+            if bn_sum:
+                ok &= tf.math.is_finite(tf.add_n([tf.reduce_sum(v.read_value())
+                                                  for v in written]))
+            if put_back:
+                def back():
+                    for v, value in zip(written, before):
+                        v.assign(value)
+                    return tf.constant(True)
+                tf.cond(ok, lambda: tf.constant(False), back)
+
+            def apply():
+                optimizer.apply_gradients(zip(grads, variables))
+                return tf.constant(True)
+            tf.cond(ok, apply, lambda: tf.constant(False))
+            return loss
+
         @tf.function
         def loop(iterator, k):
             loss = tf.constant(0.0)
             for _ in tf.range(k):
                 images, labels = next(iterator)
-                before = [v.read_value() for v in written] if put_back else []
-                with tf.GradientTape() as tape:
-                    loss = tf.reduce_mean(loss_fn(labels, model(images, training=True)))
-                grads = tape.gradient(loss, variables)
-                ok = tf.math.is_finite(loss)
-                if norm:
-                    ok &= tf.math.is_finite(tf.linalg.global_norm(grads))
-                if bn_sum:
-                    ok &= tf.math.is_finite(tf.add_n([tf.reduce_sum(v.read_value())
-                                                      for v in written]))
-                if put_back:
-                    def back():
-                        for v, value in zip(written, before):
-                            v.assign(value)
-                        return tf.constant(True)
-                    tf.cond(ok, lambda: tf.constant(False), back)
-
-                def apply():
-                    optimizer.apply_gradients(zip(grads, variables))
-                    return tf.constant(True)
-                tf.cond(ok, apply, lambda: tf.constant(False))
+                loss = step(images, labels)
             return loss, tf.constant(0.0)
 
         def run_steps(iterator, num_steps):
@@ -158,6 +164,31 @@ def guard_loops(model, loss_fn, optimizer):
             "bare+cond(norm)": make(True, False, False),
             "+bn_sum": make(True, True, False),
             "+put_back": make(True, True, True)}
+
+
+def summaries_arm(config, synthetic, k):
+    """The engine with in-graph summaries every FLAGS.summaries steps, written to a file
+    (the writer set around each call, as the trainer does in training)."""
+    import dataclasses
+
+    import tensorflow as tf
+
+    from engine import freeze
+    from engine.bench.arms import EngineArm
+    from engine.trainer import Trainer
+
+    train = dataclasses.replace(config.train, summary_every=FLAGS.summaries)
+    trainer = Trainer(dataclasses.replace(config, train=train))
+    trainer.enter_phase(freeze.UNFROZEN)
+    writer = tf.summary.create_file_writer("/tmp/tapeworks_profile_step/summaries")
+
+    def run_with_writer(iterator, num_steps):  # as the trainer calls its loop in training
+        with writer.as_default():
+            return trainer.run_steps(iterator, num_steps)
+
+    arm = EngineArm(f"engine/summaries={FLAGS.summaries}", "synthetic", trainer, synthetic, k)
+    arm.run_steps = run_with_writer
+    return arm
 
 
 def main(argv):
@@ -194,6 +225,8 @@ def main(argv):
                                            guard_optimizer).items():
             arms.append(LoopArm(name, "synthetic", run_steps, synthetic, k))
     arms.append(FitArm(trainer, synthetic, k))
+    if FLAGS.summaries:
+        arms.append(summaries_arm(config, synthetic, k))
     if FLAGS.one_step:
         arms += [EngineArm("engine/K=1", "synthetic", trainer, synthetic, 1),
                  FitArm(trainer, synthetic, 1)]

@@ -90,13 +90,14 @@ class EMA:
         their shadows stay bit-equal.
         """
         d = self.current_decay()
-        ratio = (1.0 - d) / d
+        # Made once per step, not once per weight: each op in the traced step runs every step.
+        alpha, l1, l2 = -(1.0 - d) / d, tf.constant(0.0), tf.constant(-1.0)
 
         def blend(shadow, weight):
-            dtype = shadow.dtype
+            dtype = shadow.dtype  # float32 shadows: the casts below are no ops
             return tf.raw_ops.ResourceApplyProximalGradientDescent(
-                var=shadow.handle, alpha=tf.cast(-ratio, dtype), l1=tf.constant(0.0, dtype),
-                l2=tf.constant(-1.0, dtype), delta=tf.cast(weight, dtype))
+                var=shadow.handle, alpha=tf.cast(alpha, dtype), l1=tf.cast(l1, dtype),
+                l2=tf.cast(l2, dtype), delta=tf.cast(weight, dtype))
 
         for i in self._active:
             self.strategy.extended.update(self.shadows[i], blend, args=(self.weights[i],),
