@@ -246,6 +246,11 @@ def main(argv):
         r = ratios(arm, bare)
         print(f"{arm.name:<18} {s['median']:9.2f} {1000 / s['median']:8.2f}  "
               f"{r['median']:.3f} [{r['min']:.3f} - {r['max']:.3f}]")
+    by_name = {arm.name: arm for arm in arms}
+    for num, den in (("engine", f"keras_fit/spe={k}"), ("engine/K=1", "keras_fit/spe=1")):
+        if num in by_name and den in by_name:
+            r = ratios(by_name[num], by_name[den])
+            print(f"{num} / {den}: {r['median']:.3f} [{r['min']:.3f} - {r['max']:.3f}]")
     return 0
 
 
