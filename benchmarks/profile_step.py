@@ -221,7 +221,7 @@ def main(argv):
         arms.append(LoopArm(name, "synthetic", run_steps, synthetic, k))
     if FLAGS.guard_parts:
         guard_optimizer = make_keras_optimizer(config.optimizer, schedule, name="guarded")
-        for name, run_steps in guard_loops(trainer.model, trainer.loss_fn,
+        for name, run_steps in guard_loops(trainer.parts.model, trainer.parts.loss_fn,
                                            guard_optimizer).items():
             arms.append(LoopArm(name, "synthetic", run_steps, synthetic, k))
     arms.append(FitArm(trainer, synthetic, k))
