@@ -44,7 +44,7 @@ flags.DEFINE_string("cache_dir", "~/.cache/tapeworks", "Where the embedded data 
 flags.DEFINE_bool("guard_parts", False, "Add the bare loop plus each part of the engine's "
                   "non-finite guard in turn (see guard_loops).")
 flags.DEFINE_bool("one_step", False, "Add the engine at K=1 and Keras fit at "
-                  "steps_per_execution=1 (ratios of those two are engine / fit at one step per call).")
+                  "steps_per_execution=1 (their ratio: engine / fit at one step per call).")
 flags.DEFINE_integer("summaries", 0, "Add the engine with --summary_every=N and a "
                      "TensorBoard writer set (a second Trainer; 0: no such arm).")
 flags.DEFINE_string("arms", "", "Comma-separated arm names to keep (default: all).")

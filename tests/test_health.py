@@ -130,7 +130,8 @@ def test_an_overflowed_bn_statistic_alone_makes_a_bad_step_and_rng_state_waits(r
     cfg = OptimizerConfig(name="sgd", learning_rate=0.1, schedule="constant")
     with strategy.scope():
         inputs = keras.Input([3])
-        hidden = keras.layers.Dropout(0.5, seed=3, name="drop")(_SideStatistics(name="side")(inputs))
+        side = _SideStatistics(name="side")(inputs)
+        hidden = keras.layers.Dropout(0.5, seed=3, name="drop")(side)
         model = keras.Model(inputs, keras.layers.Dense(2, name="logits")(hidden))
         keys = model_variable_keys(model)
         step = tf.Variable(0, dtype=tf.int64, **counter)
