@@ -23,10 +23,10 @@ summed gradients and the same global loss, so all agree on
 `tf.cond(ok)`, in cross-replica context) clip + optimizer apply + the EMA
 update. The apply cannot sit in a cond inside the replica function:
 Keras' apply synchronizes replicas with `merge_call`, which MirroredStrategy
-refuses inside control flow of the replica function. The forward pass
-writes BatchNorm moving statistics (and dropout RNG state) itself, so the
-replica function reads those non-trainable variables before the forward
-pass and writes the values back under `tf.cond(not ok)`. A bad step thus
+refuses inside control flow of the replica function. The forward pass runs
+in a Keras StatelessScope, so what it would write (BatchNorm moving
+statistics, dropout RNG state) comes out as new values; the replica
+function checks them and writes them under `tf.cond(ok)`. A bad step thus
 changes no weight, slot, optimizer iteration count, EMA shadow or BN
 statistic; it is counted (health.StepGuard) and its batch is kept for a
 diagnosis. The global step still advances: it counts consumed batches,
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict, List, Optional
 
+import keras
 import tensorflow as tf
 
 from engine.data.replicas import first_replica, is_per_replica, split_on_host, whole_batch
@@ -57,28 +58,6 @@ def _next_replica_batch(iterator, local_replicas: int):
                         f"batches: iterate engine.data.replicas.replica_batches(dataset, "
                         f"strategy) (Controller.feed), not the dataset itself")
     return images, labels
-
-
-def _forward_written_state(model) -> List:
-    """Non-trainable variables the forward pass of this phase writes.
-
-    BatchNorm moving statistics (and dropout seed-generator state) of layers
-    that run in training mode, i.e. leaf layers that are trainable now.
-    """
-    out, seen = [], set()
-
-    def walk(layer):
-        children = list(getattr(layer, "_layers", []))
-        if not children and layer.trainable:
-            for v in layer.non_trainable_variables:
-                if id(v) not in seen:
-                    seen.add(id(v))
-                    out.append(v)
-        for child in children:
-            walk(child)
-
-    walk(model)
-    return out
 
 
 def make_train_loop(*, model, loss_fn: Callable, groups: Dict[str, ParamGroup],
@@ -134,7 +113,9 @@ def make_train_loop(*, model, loss_fn: Callable, groups: Dict[str, ParamGroup],
     apply = _cross_replica_apply(strategy, {n: groups[n] for n in names}, phase_variables,
                                  with_grads, after_step, clipvalue=clipvalue, clipnorm=clipnorm,
                                  global_clipnorm=global_clipnorm)
-    learning_rates = {n: (lambda n=n: groups[n].optimizer.learning_rate) for n in names}
+    count = _step_counter(guard, loss_scale)
+    write_summaries = _summary_writer(summaries, strategy, global_step, guard, with_grads,
+                                      {n: groups[n] for n in names})
 
     @tf.function
     def train_loop(iterator, num_steps):
@@ -149,29 +130,52 @@ def make_train_loop(*, model, loss_fn: Callable, groups: Dict[str, ParamGroup],
             loss, grads, norm_r, ok_r = out[:4]
             loss, norm, ok = first(loss)[0], first(norm_r)[0], first(ok_r)[0]
             tf.cond(ok, lambda: apply(grads, norm_r), lambda: tf.constant(False))
-            if loss_scale is not None:
-                # An overflow is the scale search at work, not divergence.
-                counted_ok = tf.logical_or(ok, loss_scale.is_overflow(ok))
-                loss_scale.update(ok)
-            else:
-                counted_ok = ok
-            guard.record(counted_ok, lambda i=images, l=labels: whole_batch(strategy, (i, l)))
+            count(ok, lambda i=images, l=labels: whole_batch(strategy, (i, l)))
             total += tf.where(ok, loss, 0.0)
             good += tf.cast(ok, tf.float32)
-            if summaries is not None:
-                summaries.write(
-                    step=global_step + 1, loss=loss, norm=norm,
-                    grads=[first(g)[0] for g in grads], variables=with_grads(),
-                    learning_rates=learning_rates, bad_steps=guard.bad_steps,
-                    # replica 0's slice: the first rows, whose logits are shown
-                    images=first_replica(strategy, (images,))[0],
-                    labels=first_replica(strategy, (labels,))[0],
-                    logits=first(out[4])[0] if want_logits else None)
+            if write_summaries is not None:
+                write_summaries(loss, norm, grads, images, labels, out[4] if want_logits else None)
             global_step.assign_add(1)
         mean = tf.where(good > 0, total / tf.maximum(good, 1.0), float("nan"))
         return mean, norm
 
     return train_loop, traces
+
+
+def _step_counter(guard: StepGuard, loss_scale: Optional[DynamicLossScale]) -> Callable:
+    """count(ok, batch), cross-replica, once per step: the guard's counters and the loss
+    scale's search (batch() gives the worker's batch, kept only on a bad step). A float16 overflow step is skipped like any non-finite one
+    but is the scale search at work, not divergence: the guard does not count it."""
+    def count(ok, batch: Callable[[], tuple]):
+        counted_ok = ok
+        if loss_scale is not None:
+            counted_ok = tf.logical_or(ok, loss_scale.is_overflow(ok))
+            loss_scale.update(ok)
+        guard.record(counted_ok, batch)
+
+    return count
+
+
+def _summary_writer(summaries: Optional[StepSummaries], strategy, global_step, guard,
+                    with_grads: Callable[[], List], groups: Dict[str, ParamGroup]):
+    """write(loss, norm, grads, images, labels, logits) of the step's in-graph summaries
+    (cross-replica, replica-agreeing values taken from the first replica), or None when
+    summaries are off: then not a single summary op is traced."""
+    if summaries is None:
+        return None
+    first = strategy.experimental_local_results
+    learning_rates = {n: (lambda g=g: g.optimizer.learning_rate) for n, g in groups.items()}
+
+    def write(loss, norm, grads, images, labels, logits):
+        summaries.write(step=global_step + 1, loss=loss, norm=norm,
+                        grads=[first(g)[0] for g in grads], variables=with_grads(),
+                        learning_rates=learning_rates, bad_steps=guard.bad_steps,
+                        # replica 0's slice: the first rows, whose logits are shown
+                        images=first_replica(strategy, (images,))[0],
+                        labels=first_replica(strategy, (labels,))[0],
+                        logits=first(logits)[0] if logits is not None else None)
+
+    return write
 
 
 def _replica_forward(model, loss_fn: Callable, variables: List, has_grad: List[bool], *,
@@ -180,29 +184,34 @@ def _replica_forward(model, loss_fn: Callable, variables: List, has_grad: List[b
     """The replica function: this replica's slice, loss over the GLOBAL batch, gradients
     summed over replicas, and the verdict `ok` every replica agrees on.
 
-    A bad step (non-finite loss, gradient norm or BN statistic) puts back
-    what the forward pass wrote (BN moving statistics, dropout RNG state).
+    The forward pass runs in a Keras StatelessScope, so what it writes (BN
+    moving statistics, dropout RNG state) is held as new values instead of
+    being written; they are written only when the step is ok. A bad step
+    (non-finite loss, gradient norm or BN statistic) thus never touches them,
+    with no copy taken before the forward pass and no put-back after it.
     """
     # The tape wants tf.Variables; Keras 3 variables wrap one in `.value`.
     watched = [as_tf_variable(v) for v in variables]
-    written = _forward_written_state(model)
+    state = list(model.variables)
 
     def replica_forward(images, labels):
-        before = [as_tf_variable(v).read_value() for v in written]
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             # Watch only what trains: a frozen backbone's forward pass is then
             # not recorded at all, so a frozen step costs about a forward pass.
             tape.watch(watched)
-            logits = model(images, training=True)
+            with keras.StatelessScope(collect_losses=True) as scope:
+                logits = model(images, training=True)
+                regularization = model.losses  # read in the scope: it holds add_loss terms
             per_example = loss_fn(labels, logits)
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
-            if model.losses:
-                loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
+            if regularization:
+                loss += tf.nn.scale_regularization_loss(tf.add_n(regularization))
             scaled = loss * loss_scale.scale if loss_scale is not None else loss
         grads = tape.gradient(scaled, watched)
         has_grad[:] = [g is not None for g in grads]
         grads = [g for g in grads if g is not None]
-        stats_bad = _written_state_is_bad(written)
+        written = _written_by_forward(scope, state)
+        stats_bad = _any_non_finite([value for _, value in written])
         ctx = tf.distribute.get_replica_context()
         if ctx.num_replicas_in_sync > 1:
             # One all-reduce: every replica then holds the global loss too.
@@ -214,38 +223,52 @@ def _replica_forward(model, loss_fn: Callable, variables: List, has_grad: List[b
         # overflows float32, above ~1.8e19, a step also worth skipping).
         norm = tf.linalg.global_norm(grads) if grads else tf.constant(0.0)
         ok = tf.math.is_finite(loss) & tf.equal(stats_bad, 0.0) & tf.math.is_finite(norm)
-        _put_back_unless(ok, written, before)
+        _write_if(ok, written)
         return (loss, grads, norm, ok) + ((logits,) if want_logits else ())
 
     return replica_forward
 
 
-def _written_state_is_bad(written: List) -> tf.Tensor:
-    """1.0 when a statistic the forward pass wrote is not finite, else 0.0.
+def _written_by_forward(scope, state: List) -> List:
+    """[(variable, new value)] of what the forward pass wrote in `scope`, in model order.
+
+    Raises at trace time if it wrote a variable the model does not hold (it
+    could then not be written back).
+    """
+    written = [(v, scope.get_current_value(v)) for v in state]
+    written = [(v, value) for v, value in written if value is not None]
+    if len(written) != len(scope.state_mapping):
+        raise ValueError("the forward pass wrote a variable that is not in model.variables")
+    return written
+
+
+def _any_non_finite(values: List) -> tf.Tensor:
+    """1.0 when an element of a floating-point value is NaN or infinite, else 0.0.
 
     A finite loss can come with an overflowed BN batch variance. Each replica
     judges its own statistics; the all-reduce then makes every replica agree.
-    (One sum per variable, not an elementwise check: a NaN or inf anywhere
-    makes the total non-finite, and the guard costs few ops per step.)
+    One concatenation and one sum for all values (BN statistics are small; a
+    NaN or inf anywhere makes the sum non-finite), not a reduction per variable.
     """
-    sums = [tf.reduce_sum(tf.cast(as_tf_variable(v).read_value(), tf.float32))
-            for v in written if tf.as_dtype(v.dtype).is_floating]
-    if not sums:
+    flat = [tf.cast(t, tf.float32) for t in values if t.dtype.is_floating]
+    flat = [t if t.shape.rank == 1 else tf.reshape(t, [-1]) for t in flat]
+    if not flat:
         return tf.constant(0.0)
-    return 1.0 - tf.cast(tf.math.is_finite(tf.add_n(sums)), tf.float32)
+    total = tf.reduce_sum(tf.concat(flat, axis=0) if len(flat) > 1 else flat[0])
+    return 1.0 - tf.cast(tf.math.is_finite(total), tf.float32)
 
 
-def _put_back_unless(ok, written: List, before: List) -> None:
-    """Restores what the forward pass wrote, unless the step is ok."""
+def _write_if(ok, written: List) -> None:
+    """Writes what the forward pass computed for its state, only when the step is ok."""
     if not written:
         return
 
-    def put_back():
-        for v, value in zip(written, before):
+    def write():
+        for v, value in written:
             v.assign(value)
         return tf.constant(True)
 
-    tf.cond(ok, lambda: tf.constant(False), put_back)
+    tf.cond(ok, write, lambda: tf.constant(False))
 
 
 def _cross_replica_apply(strategy, groups: Dict[str, ParamGroup], phase_variables,

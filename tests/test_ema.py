@@ -247,3 +247,15 @@ def test_trainer_keeps_frozen_shadows_equal_and_resume_restores_ema_exactly(tmp_
         assert np.array(v.numpy()).tobytes() == shadows[k].tobytes(), k
     for w in again.parts.model.weights:
         assert w.numpy().tobytes() == raw[again.parts.keys[id(w)]].tobytes()
+
+
+def test_one_update_is_the_weighted_average_by_hand():
+    # d = 0.75 (no warmup): shadow 0.75 s + 0.25 w, from s = [1, -2, 4], w = [3, 2, 0].
+    weight = tf.Variable([3.0, 2.0, 0.0])
+    ema = EMA([weight], {id(weight): "w"}, 0.75, False, tf.distribute.get_strategy())
+    ema.shadows[0].assign([1.0, -2.0, 4.0])
+    ema.start_phase([weight], reset_new=False)
+    tf.function(ema.update)()
+    np.testing.assert_allclose(ema.shadows[0].numpy(), [1.5, -1.0, 3.0], rtol=1e-6)
+    np.testing.assert_array_equal(weight.numpy(), [3.0, 2.0, 0.0])
+    assert int(ema.num_updates.numpy()) == 1

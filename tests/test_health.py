@@ -114,6 +114,66 @@ def test_a_bad_step_changes_nothing_and_is_counted(replicas):
     assert traces["count"] == 1
 
 
+class _SideStatistics(keras.layers.Layer):
+    """A BatchNorm on x runs beside the model, its output unused; ones go on. On x with
+    1e20 in it the variance overflows (inf) while the loss and every gradient stay finite."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.bn = keras.layers.BatchNormalization(name="side_bn")
+
+    def build(self, shape):
+        self.bn.build(shape)
+
+    def call(self, x, training=None):
+        self.bn(x, training=training)
+        return tf.ones_like(x)
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_an_overflowed_bn_statistic_alone_makes_a_bad_step_and_rng_state_waits(replicas):
+    strategy = _strategy(replicas)
+    counter = dict(trainable=False, aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+    cfg = OptimizerConfig(name="sgd", learning_rate=0.1, schedule="constant")
+    with strategy.scope():
+        inputs = keras.Input([3])
+        side = _SideStatistics(name="side")(inputs)
+        hidden = keras.layers.Dropout(0.5, seed=3, name="drop")(side)
+        model = keras.Model(inputs, keras.layers.Dense(2, name="logits")(hidden))
+        keys = model_variable_keys(model)
+        step = tf.Variable(0, dtype=tf.int64, **counter)
+        trained = model.get_layer("logits").trainable_variables
+        groups = make_param_groups(cfg, {"head": trained}, keys, make_schedule(cfg, 10, 1),
+                                   step, tf.Variable(1.0, **counter))
+        guard = StepGuard()
+    loop, _ = make_train_loop(
+        model=model, loss_fn=_mse, groups=groups, phase_variables={"head": trained},
+        strategy=strategy, global_batch=4, local_replicas=replicas, global_step=step,
+        guard=guard)
+    x = np.ones((8, 3), np.float32)
+    x[4::2, 0] = 1e20  # batch 1 (and each replica's half): a variance of ~(5e19)^2 = inf
+    with strategy.scope():
+        iterator = iter(tf.data.Dataset.from_tensor_slices((x, np.zeros((8, 2), np.float32)))
+                        .batch(4))
+    state = list(model.variables)  # weights, BN statistics and the dropout seed state
+    before = _every_copy(state, strategy)
+    loss, _ = loop(iterator, tf.constant(1))  # batch 0: good, writes statistics and seed state
+    assert np.isfinite(float(loss)) and int(guard.bad_steps.numpy()) == 0
+    changed = _every_copy(state, strategy)
+    moved = [not np.array_equal(a, b) for a, b in zip(before, changed)]
+    seed_copies = [i for i, v in enumerate(v for v in state
+                                           for _ in range(replicas)) if "seed" in v.path]
+    assert seed_copies and all(moved[i] for i in seed_copies)
+    side_bn = model.get_layer("side").bn
+    # momentum 0.99: moving variance 0.99 * 1 + 0.01 * 0 (every row of batch 0 is ones)
+    np.testing.assert_allclose(side_bn.moving_variance.numpy(), 0.99, rtol=1e-6)
+    loss, _ = loop(iterator, tf.constant(1))  # batch 1: finite loss, overflowed variance
+    assert np.isnan(float(loss)) and int(guard.bad_steps.numpy()) == 1
+    for a, b in zip(changed, _every_copy(state, strategy)):
+        np.testing.assert_array_equal(a, b)
+    assert int(groups["head"].optimizer.iterations.numpy()) == 1
+
+
 # --------------------------------------------------------------- diagnosis
 class _Log(keras.layers.Layer):
     def call(self, x):
