@@ -152,9 +152,10 @@ def test_an_overflowed_bn_statistic_alone_makes_a_bad_step_and_rng_state_waits(r
         guard=guard)
     x = np.ones((8, 3), np.float32)
     x[4::2, 0] = 1e20  # batch 1 (and each replica's half): a variance of ~(5e19)^2 = inf
+    batches = tf.data.Dataset.from_tensor_slices((x, np.zeros((8, 2), np.float32))).batch(
+        4, drop_remainder=True)
     with strategy.scope():
-        iterator = iter(tf.data.Dataset.from_tensor_slices((x, np.zeros((8, 2), np.float32)))
-                        .batch(4))
+        iterator = iter(replica_batches(batches, strategy))  # each replica its own half
     state = list(model.variables)  # weights, BN statistics and the dropout seed state
     before = _every_copy(state, strategy)
     loss, _ = loop(iterator, tf.constant(1))  # batch 0: good, writes statistics and seed state
