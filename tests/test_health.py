@@ -60,17 +60,23 @@ def _every_copy(variables, strategy):
     return out
 
 
+def _head_group(cfg, model, trained):
+    """(keys, global step, {"head": group of `trained`}), made under the strategy's scope."""
+    counter = dict(trainable=False, aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+    keys = model_variable_keys(model)
+    step = tf.Variable(0, dtype=tf.int64, **counter)
+    groups = make_param_groups(cfg, {"head": trained}, keys, make_schedule(cfg, 10, 1), step,
+                               tf.Variable(1.0, **counter))
+    return keys, step, groups
+
+
 @pytest.mark.parametrize("replicas", [1, 2])
 def test_a_bad_step_changes_nothing_and_is_counted(replicas):
     strategy = _strategy(replicas)
-    counter = dict(trainable=False, aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
     cfg = OptimizerConfig(name="adam", learning_rate=0.01, schedule="constant")
     with strategy.scope():
         model = _conv_bn_model()
-        keys = model_variable_keys(model)
-        step = tf.Variable(0, dtype=tf.int64, **counter)
-        groups = make_param_groups(cfg, {"head": model.trainable_variables}, keys,
-                                   make_schedule(cfg, 10, 1), step, tf.Variable(1.0, **counter))
+        keys, step, groups = _head_group(cfg, model, model.trainable_variables)
         ema = EMA(model.weights, keys, 0.9, True, strategy)
         guard = StepGuard()
     ema.start_phase(changing_weights(model), reset_new=False)
@@ -133,18 +139,14 @@ class _SideStatistics(keras.layers.Layer):
 @pytest.mark.parametrize("replicas", [1, 2])
 def test_an_overflowed_bn_statistic_alone_makes_a_bad_step_and_rng_state_waits(replicas):
     strategy = _strategy(replicas)
-    counter = dict(trainable=False, aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
     cfg = OptimizerConfig(name="sgd", learning_rate=0.1, schedule="constant")
     with strategy.scope():
         inputs = keras.Input([3])
         side = _SideStatistics(name="side")(inputs)
         hidden = keras.layers.Dropout(0.5, seed=3, name="drop")(side)
         model = keras.Model(inputs, keras.layers.Dense(2, name="logits")(hidden))
-        keys = model_variable_keys(model)
-        step = tf.Variable(0, dtype=tf.int64, **counter)
         trained = model.get_layer("logits").trainable_variables
-        groups = make_param_groups(cfg, {"head": trained}, keys, make_schedule(cfg, 10, 1),
-                                   step, tf.Variable(1.0, **counter))
+        _, step, groups = _head_group(cfg, model, trained)
         guard = StepGuard()
     loop, _ = make_train_loop(
         model=model, loss_fn=_mse, groups=groups, phase_variables={"head": trained},
