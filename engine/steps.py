@@ -20,8 +20,8 @@ The non-finite guard: after the all-reduce every replica holds the same
 summed gradients and the same global loss, so all agree on
 `ok = isfinite(loss) and all(isfinite(grads))`. Each step is two
 `strategy.run` calls: forward/backward/all-reduce, then (only under
-`tf.cond(ok)`, in cross-replica context) clip + optimizer apply + the EMA
-update. The apply cannot sit in a cond inside the replica function:
+`tf.cond(ok)`, in cross-replica context) clip + optimizer apply. The apply
+cannot sit in a cond inside the replica function:
 Keras' apply synchronizes replicas with `merge_call`, which MirroredStrategy
 refuses inside control flow of the replica function. The forward pass runs
 in a Keras StatelessScope, so what it would write (BatchNorm moving
@@ -29,7 +29,17 @@ statistics, dropout RNG state) comes out as new values; the replica
 function checks them and writes them under `tf.cond(ok)`. A bad step thus
 changes no weight, slot, optimizer iteration count, EMA shadow or BN
 statistic; it is counted (health.StepGuard) and its batch is kept for a
-diagnosis. The global step still advances: it counts consumed batches,
+diagnosis.
+
+The EMA update of a good step runs at the start of the NEXT step (and after
+the last step of a call): it reads the weights that step left and writes
+only its shadows, and the next forward pass only reads those weights, so
+the executor runs the two side by side instead of the update holding up the
+loop's next iteration (an EMA is memory traffic beside a compute-bound
+forward pass: inceptionv3's is five passes over 87 MB). Automatic control
+dependencies keep it exact: the next apply, which writes the weights, waits
+for the update's reads. After a call returns, the shadows are exactly what
+an update right after each step would have made. The global step still advances: it counts consumed batches,
 which is what the data position and the checkpoint numbering mean.
 """
 from __future__ import annotations
@@ -78,7 +88,10 @@ def make_train_loop(*, model, loss_fn: Callable, groups: Dict[str, ParamGroup],
     iterator is over replica_batches(dataset, strategy) (Controller.feed):
     one slice per replica, already on its device.
     phase_variables: group name -> the variables that train in this phase.
-    after_step: cross-replica work after each optimizer step (the EMA update).
+    after_step: cross-replica work after each good step (the EMA update); it
+    must only read what the step trained and write its own state, since it
+    runs deferred: beside the next step's forward pass, or at the end of the
+    call for the last step.
     guard: where bad steps are counted; one is made when None (it is then
     trace_counter["guard"]). summaries: in-graph TensorBoard summaries,
     written when a default writer is set around the calls.
@@ -96,23 +109,13 @@ def make_train_loop(*, model, loss_fn: Callable, groups: Dict[str, ParamGroup],
     traces = {"count": 0, "guard": guard}
     summaries = summaries if summaries is not None and summaries.enabled else None
     want_logits = summaries is not None and bool(summaries.image_every)
-    # Which variables got a gradient is known when the step is traced (None
-    # is a graph-structure fact); the forward pass records it here, and those
-    # without one are left out of the all-reduce and the apply, as Keras does:
-    # a zero gradient would still move them through momentum or weight decay.
-    has_grad: List[bool] = []
-    forward = _replica_forward(model, loss_fn, variables, has_grad, global_batch=global_batch,
-                               loss_scale=loss_scale, want_logits=want_logits)
-    if jit_compile:
-        forward = tf.function(forward, jit_compile=True)
-
-    def with_grads():
-        """The phase's variables that got a gradient, in the order of the gradients."""
-        return [v for v, has in zip(variables, has_grad) if has]
-
+    forward, with_grads = _forward_and_graded(model, loss_fn, variables, global_batch=global_batch,
+                                              loss_scale=loss_scale, want_logits=want_logits,
+                                              jit_compile=jit_compile)
     apply = _cross_replica_apply(strategy, {n: groups[n] for n in names}, phase_variables,
-                                 with_grads, after_step, clipvalue=clipvalue, clipnorm=clipnorm,
+                                 with_grads, clipvalue=clipvalue, clipnorm=clipnorm,
                                  global_clipnorm=global_clipnorm)
+    settle = _deferred(after_step)
     count = _step_counter(guard, loss_scale)
     write_summaries = _summary_writer(summaries, strategy, global_step, guard, with_grads,
                                       {n: groups[n] for n in names})
@@ -123,8 +126,10 @@ def make_train_loop(*, model, loss_fn: Callable, groups: Dict[str, ParamGroup],
         total = tf.constant(0.0)
         good = tf.constant(0.0)
         norm = tf.constant(0.0)
+        pending = tf.constant(False)  # the last step was good and after_step has not run
         first = strategy.experimental_local_results  # all replicas agree after the all-reduce
         for _ in tf.range(num_steps):
+            settle(pending)
             images, labels = _next_replica_batch(iterator, local_replicas)
             out = strategy.run(forward, args=(images, labels))
             loss, grads, norm_r, ok_r = out[:4]
@@ -136,10 +141,53 @@ def make_train_loop(*, model, loss_fn: Callable, groups: Dict[str, ParamGroup],
             if write_summaries is not None:
                 write_summaries(loss, norm, grads, images, labels, out[4] if want_logits else None)
             global_step.assign_add(1)
+            pending = ok
+        settle(pending)
         mean = tf.where(good > 0, total / tf.maximum(good, 1.0), float("nan"))
         return mean, norm
 
     return train_loop, traces
+
+
+def _forward_and_graded(model, loss_fn: Callable, variables: List, *, global_batch: int,
+                        loss_scale: Optional[DynamicLossScale], want_logits: bool,
+                        jit_compile: bool):
+    """(replica forward function, with_grads()): with_grads gives the variables that got a
+    gradient, in the order of the gradients.
+
+    Which variables got one is known when the step is traced (None is a
+    graph-structure fact); the forward pass records it, and those without one
+    are left out of the all-reduce and the apply, as Keras does: a zero
+    gradient would still move them through momentum or weight decay.
+    """
+    has_grad: List[bool] = []
+    forward = _replica_forward(model, loss_fn, variables, has_grad, global_batch=global_batch,
+                               loss_scale=loss_scale, want_logits=want_logits)
+    if jit_compile:
+        forward = tf.function(forward, jit_compile=True)
+
+    def with_grads():
+        return [v for v, has in zip(variables, has_grad) if has]
+
+    return forward, with_grads
+
+
+def _deferred(after_step: Optional[Callable[[], None]]) -> Callable:
+    """settle(pending): runs after_step when the previous step was good and it has not run.
+
+    A no-op without after_step, so a loop without an EMA traces no extra cond.
+    """
+    def settle(pending):
+        if after_step is None:
+            return
+
+        def run():
+            after_step()
+            return tf.constant(True)
+
+        tf.cond(pending, run, lambda: tf.constant(False))
+
+    return settle
 
 
 def _step_counter(guard: StepGuard, loss_scale: Optional[DynamicLossScale]) -> Callable:
@@ -272,10 +320,10 @@ def _write_if(ok, written: List) -> None:
 
 
 def _cross_replica_apply(strategy, groups: Dict[str, ParamGroup], phase_variables,
-                         with_grads: Callable[[], List], after_step, *, clipvalue: float,
+                         with_grads: Callable[[], List], *, clipvalue: float,
                          clipnorm: float, global_clipnorm: float):
-    """apply(grads, norm): clip the replica-summed gradients, apply each group's part, then
-    after_step (the EMA update), in cross-replica context.
+    """apply(grads, norm): clip the replica-summed gradients and apply each group's part,
+    in cross-replica context.
 
     The apply cannot sit in a cond inside the replica function: Keras' apply
     synchronizes replicas with `merge_call`, which MirroredStrategy refuses
@@ -292,8 +340,6 @@ def _cross_replica_apply(strategy, groups: Dict[str, ParamGroup], phase_variable
 
     def apply(grads, norm):
         strategy.run(replica_apply, args=(grads, norm))
-        if after_step is not None:
-            after_step()
         return tf.constant(True)
 
     return apply

@@ -120,6 +120,54 @@ def test_a_bad_step_changes_nothing_and_is_counted(replicas):
     assert traces["count"] == 1
 
 
+def _guarded_ema_loop(strategy, weights_from=None):
+    """(loop, state, ema, guard) of a conv-BN model with Adam, EMA and a guard; weights_from:
+    a model whose weights it starts from (so two loops start bit-equal)."""
+    cfg = OptimizerConfig(name="adam", learning_rate=0.01, schedule="constant")
+    with strategy.scope():
+        model = _conv_bn_model()
+        if weights_from is not None:
+            model.set_weights(weights_from.get_weights())
+        keys, step, groups = _head_group(cfg, model, model.trainable_variables)
+        ema = EMA(model.weights, keys, 0.9, True, strategy)
+        guard = StepGuard()
+    ema.start_phase(changing_weights(model), reset_new=False)
+    loop, _ = make_train_loop(
+        model=model, loss_fn=_mse_and_poison, groups=groups,
+        phase_variables={"head": model.trainable_variables}, strategy=strategy, global_batch=4,
+        local_replicas=distribute.local_replica_count(strategy), global_step=step,
+        after_step=ema.update, guard=guard)
+    state = (model.weights + [w for g in groups.values() for w in g.optimizer.variables]
+             + ema.shadows + [ema.num_updates, step])
+    return loop, state, ema, model
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_the_deferred_ema_update_of_a_call_equals_one_update_per_good_step(replicas):
+    """The EMA update of a good step runs beside the next step (steps.py): a call of six
+    steps, bad ones in the middle and last, must leave exactly the state of six calls of
+    one step each, where every update runs at the end of its own call."""
+    strategy = _strategy(replicas)
+    rng = np.random.default_rng(1)
+    x = rng.uniform(0, 1, (24, 8, 8, 3)).astype(np.float32)
+    y = rng.uniform(0, 1, (24, 2)).astype(np.float32)
+    y[8:12, 0] = 7.0  # batch 2: NaN gradients
+    x[21, 0, 0, 0] = np.nan  # batch 5, the call's last step: NaN loss
+    batches = tf.data.Dataset.from_tensor_slices((x, y)).batch(4, drop_remainder=True)
+    whole, whole_state, ema, model = _guarded_ema_loop(strategy)
+    single, single_state, _, _ = _guarded_ema_loop(strategy, weights_from=model)
+    whole(iter(replica_batches(batches, strategy)), tf.constant(6))
+    iterator = iter(replica_batches(batches, strategy))
+    for _ in range(6):
+        single(iterator, tf.constant(1))
+    assert int(ema.num_updates.numpy()) == 4  # the four good steps, each once
+    for a, b in zip(_every_copy(whole_state, strategy), _every_copy(single_state, strategy)):
+        np.testing.assert_array_equal(a, b)
+    kernel = model.get_layer("logits").kernel
+    shadow = ema.shadows[[id(w) for w in ema.weights].index(id(kernel))]
+    assert not np.array_equal(shadow.numpy(), kernel.numpy())  # an average, not a copy
+
+
 class _SideStatistics(keras.layers.Layer):
     """A BatchNorm on x runs beside the model, its output unused; ones go on. On x with
     1e20 in it the variance overflows (inf) while the loss and every gradient stay finite."""
