@@ -346,17 +346,23 @@ def _cross_replica_apply(strategy, groups: Dict[str, ParamGroup], phase_variable
 
 
 def holds_xla_function(concrete_function) -> bool:
-    """Whether a traced function runs part of itself under XLA (a function marked must-compile).
+    """Whether a traced train loop runs its forward/backward pass under XLA.
 
-    What --jit_compile is checked by: a jit_compile=True tf.function nested in
-    the loop shows up as a library function or call node with _XlaMustCompile.
+    What --jit_compile is checked by: the replica function, jit-compiled, is a
+    library function (or call node) named after it with _XlaMustCompile. Other
+    XLA functions do not count: the EMA update is XLA-compiled in every loop
+    that averages (engine/ema.py).
     """
     def must(attrs):
         return "_XlaMustCompile" in attrs and attrs["_XlaMustCompile"].b
 
+    def forward(name):
+        return "replica_forward" in name
+
     graph = concrete_function.graph.as_graph_def()
-    return any(must(node.attr) for node in graph.node) or any(
-        must(f.attr) or any(must(n.attr) for n in f.node_def) for f in graph.library.function)
+    nodes = list(graph.node) + [n for f in graph.library.function for n in f.node_def]
+    return any(must(f.attr) and forward(f.signature.name) for f in graph.library.function) or any(
+        must(n.attr) and "f" in n.attr and forward(n.attr["f"].func.name) for n in nodes)
 
 
 def make_eval_batch(*, model, loss_fn: Callable, strategy, local_replicas: int,

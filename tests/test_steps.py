@@ -7,6 +7,7 @@ import tensorflow as tf
 import replicas_worker as worker
 from engine import distribute
 from engine.config import OptimizerConfig
+from engine.ema import EMA
 from engine.optimizer import make_param_groups, make_schedule
 from engine.state import model_variable_keys
 from engine.steps import holds_xla_function, make_eval_batch, make_train_loop
@@ -24,7 +25,7 @@ def _dense_model(kernel, bias):
     return model
 
 
-def _loop(model, opt_cfg, global_batch, clipnorm=0.0, jit_compile=False):
+def _loop(model, opt_cfg, global_batch, clipnorm=0.0, jit_compile=False, after_step=None):
     keys = model_variable_keys(model)
     step = tf.Variable(0, dtype=tf.int64)
     groups = make_param_groups(opt_cfg, {"head": model.trainable_variables}, keys,
@@ -33,7 +34,8 @@ def _loop(model, opt_cfg, global_batch, clipnorm=0.0, jit_compile=False):
         model=model, loss_fn=_mse, groups=groups,
         phase_variables={"head": model.trainable_variables},
         strategy=tf.distribute.get_strategy(), global_batch=global_batch, local_replicas=1,
-        global_step=step, global_clipnorm=clipnorm, jit_compile=jit_compile)
+        global_step=step, global_clipnorm=clipnorm, jit_compile=jit_compile,
+        after_step=after_step)
     return loop, traces, step
 
 
@@ -125,6 +127,22 @@ def test_xla_compiled_loop_gives_the_same_weights():
         assert holds_xla_function(concrete) == jit  # the traced loop really holds XLA, or not
     for a, b_ in zip(*weights):
         np.testing.assert_allclose(a, b_, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_only_an_xla_forward_pass_counts_as_an_xla_loop_not_the_ema(jit):
+    """The EMA update is XLA-compiled in every averaging loop (engine/ema.py); the
+    --jit_compile check must still see whether the forward/backward pass is."""
+    cfg = OptimizerConfig(name="sgd", learning_rate=0.05, schedule="constant")
+    model = _dense_model(np.ones((3, 1), np.float32), np.zeros([1], np.float32))
+    ema = EMA(model.weights, model_variable_keys(model), 0.9, False, tf.distribute.get_strategy())
+    ema.start_phase(model.trainable_variables, reset_new=True)
+    loop, _, _ = _loop(model, cfg, global_batch=4, jit_compile=jit, after_step=ema.update)
+    _, _, ds = _data()
+    loop(iter(ds), tf.constant(2, tf.int32))
+    assert int(ema.num_updates.numpy()) == 2
+    concrete = loop.get_concrete_function(iter(ds), tf.constant(2, tf.int32))
+    assert holds_xla_function(concrete) == jit
 
 
 @pytest.mark.parametrize("name", ["adam", "momentum", "adamw"])
