@@ -1,5 +1,7 @@
 """Shared pytest setup: keep TensorFlow's C++ start-up chatter out of test output."""
+import contextlib
 import os
+import shutil
 import subprocess
 import sys
 
@@ -29,48 +31,72 @@ def parse():
 def replica_runs(tmp_path_factory):
     """{N: the npz tests/replicas_worker.py wrote on N virtual CPUs} for N = 1, 2, 3.
 
-    Processes of their own (this session's CPU is split in 2 for good), run at once.
+    Processes of their own (this session's CPU is split in 2 for good), run at once,
+    once for the whole run (under pytest-xdist too: see shared_dir).
     """
-    root = tmp_path_factory.mktemp("replicas")
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(TESTS), TF_CPP_MIN_LOG_LEVEL="2")
-    procs = {n: subprocess.Popen([sys.executable, os.path.join(TESTS, "replicas_worker.py"),
-                                  str(n), str(root / f"{n}.npz")], env=env,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for n in (1, 2, 3)}
     import numpy as np
-    out = {}
-    for n, proc in procs.items():
-        log, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 0, f"replicas_worker.py {n}:\n{log[-3000:]}"
-        out[n] = np.load(root / f"{n}.npz")
-    return out
+    with shared_dir(tmp_path_factory, "replicas") as (root, made):
+        if not made:
+            env = dict(os.environ, PYTHONPATH=os.path.dirname(TESTS), TF_CPP_MIN_LOG_LEVEL="2")
+            procs = {n: subprocess.Popen(
+                [sys.executable, os.path.join(TESTS, "replicas_worker.py"), str(n),
+                 str(root / f"{n}.npz")], env=env, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, text=True) for n in (1, 2, 3)}
+            for n, proc in procs.items():
+                log, _ = proc.communicate(timeout=300)
+                assert proc.returncode == 0, f"replicas_worker.py {n}:\n{log[-3000:]}"
+        return {n: np.load(root / f"{n}.npz") for n in (1, 2, 3)}
+
+
+# --- Made once for the whole run, read by every xdist worker -------------------
+def _shared_root(tmp_path_factory):
+    """The directory every worker of this run can see (the run's base temp dir)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@contextlib.contextmanager
+def shared_dir(tmp_path_factory, name):
+    """Yields (directory, made): one directory per name for the whole run.
+
+    Under pytest-xdist each worker is a session of its own, so a session
+    fixture runs once per worker; the first worker to get here makes what the
+    directory should hold (made is False) while the others wait on a lock, then
+    find it made (True). It counts as made only when the block ended without an
+    error, so a failed attempt is made again (and fails again) by the next.
+    """
+    import fcntl
+    root = _shared_root(tmp_path_factory)
+    directory = root / name
+    done = root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        made = done.exists()
+        if not made:
+            shutil.rmtree(directory, ignore_errors=True)  # what a failed attempt left
+            directory.mkdir()
+        yield directory, made
+        done.touch()
 
 
 @pytest.fixture(scope="session")
 def embedded_cache(tmp_path_factory):
     """One embedded dataset (both tasks) for the whole run, made once and read by every test.
 
-    Under pytest-xdist each worker is a session of its own; they share the
-    run's base temp dir, and a lock makes the first worker build the sets
-    while the others wait (~17 s of CPU each on this machine, once instead
-    of once per worker).
+    Under pytest-xdist the first worker builds the sets while the others wait
+    (shared_dir; ~7 s of CPU on this machine, once instead of once per worker).
     """
-    import fcntl
     from engine.data import embedded, segmentation
-    base = tmp_path_factory.getbasetemp()
-    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    cache = shared / "tapeworks_cache"
-    cache.mkdir(exist_ok=True)
-    with open(shared / "tapeworks_cache.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        embedded.ensure(str(cache))
-        segmentation.ensure_embedded(str(cache))
+    with shared_dir(tmp_path_factory, "tapeworks_cache") as (cache, made):
+        if not made:
+            embedded.ensure(str(cache))
+            segmentation.ensure_embedded(str(cache))
     return str(cache)
 
 
 # --- Virtual CPU devices, once for the whole session ------------------------
 # TensorFlow fixes its devices the first time anything touches them, so the
-# split happens here, at collection time, before any test module runs TF.
+# split happens in pytest_configure (below), before collection imports any test module.
 # Any test can then build MirroredStrategy(["/cpu:0", "/cpu:1"]); the default
 # strategy still places everything on one device (/cpu:0), and
 # engine.distribute.split_cpu(2) is a no-op afterwards.
@@ -88,7 +114,13 @@ def _split_cpu_for_session(n=NUM_VIRTUAL_CPUS):
             pass
 
 
-_split_cpu_for_session()
+def _is_xdist_controller(config):
+    """The pytest-xdist process that hands tests to its workers and runs none itself."""
+    try:
+        workers = config.getoption("numprocesses")
+    except ValueError:  # xdist not installed or disabled (-p no:xdist)
+        return False
+    return bool(workers) and not hasattr(config, "workerinput")
 
 
 # --- The longest tests first --------------------------------------------------
@@ -97,6 +129,10 @@ _split_cpu_for_session()
 # alone at the end. Tests marked `slow` (each several CLI processes) go first.
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: several processes or long training; scheduled first")
+    # Before collection imports any test module. The xdist controller runs no test:
+    # it need not load TensorFlow at all (~3.5 s of CPU).
+    if not _is_xdist_controller(config):
+        _split_cpu_for_session()
 
 
 def pytest_collection_modifyitems(config, items):
