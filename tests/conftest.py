@@ -1,5 +1,7 @@
 """Shared pytest setup: keep TensorFlow's C++ start-up chatter out of test output."""
 import contextlib
+import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -92,6 +94,55 @@ def embedded_cache(tmp_path_factory):
             embedded.ensure(str(cache))
             segmentation.ensure_embedded(str(cache))
     return str(cache)
+
+
+# --- One finished CLI run, for tests that need *a* finished run ---------------------
+# One frozen epoch of 2 steps (--unfreeze_at=1: a resume to a second epoch crosses
+# the switch), EMA on (thresholds_ema.json, an EMA export).
+TINY_RUN = ("--backbone=tiny_cnn", "--batch_size=16", "--steps_per_epoch=2", "--epochs=1",
+            "--unfreeze_at=1", "--ema_decay=0.9", "--progress=false")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, embedded_cache):
+    """`train_main.py --model_dir=DIR --cache_dir=... *TINY_RUN`, run to the end once for the
+    whole run (shared_dir, keyed by its flags): {"model_dir", "stdout", "stderr"}.
+
+    Nothing may write into it; copy_run gives a test a copy of its own.
+    """
+    args = [f"--cache_dir={embedded_cache}", *TINY_RUN]
+    key = hashlib.sha256("\n".join(args).encode()).hexdigest()[:12]
+    with shared_dir(tmp_path_factory, f"tiny_run-{key}") as (root, made):
+        if not made:
+            env = dict(os.environ, PYTHONPATH=os.path.dirname(TESTS), TF_CPP_MIN_LOG_LEVEL="3")
+            result = subprocess.run(
+                [sys.executable, os.path.join(os.path.dirname(TESTS), "train_main.py"),
+                 f"--model_dir={root / 'run'}", *args],
+                capture_output=True, text=True, timeout=240, env=env,
+                cwd=os.path.dirname(TESTS))
+            assert result.returncode == 0, result.stderr[-3000:]
+            (root / "output.json").write_text(json.dumps(
+                {"stdout": result.stdout, "stderr": result.stderr}))
+    return {"model_dir": root / "run", **json.loads((root / "output.json").read_text())}
+
+
+@pytest.fixture
+def own_tiny_run(tiny_run, tmp_path):
+    """This test's own copy of tiny_run's model_dir, at tmp_path/run (copy_run)."""
+    return copy_run(tiny_run["model_dir"], tmp_path / "run")
+
+
+def copy_run(model_dir, to):
+    """A copy of a finished run at `to`, as if trained there: its flags.txt names `to` as
+    --model_dir (the one line that names the directory a run was trained in)."""
+    shutil.copytree(model_dir, to)
+    flags_txt = to / "flags.txt"
+    lines = flags_txt.read_text().splitlines(keepends=True)
+    own = [i for i, line in enumerate(lines) if line.rstrip("\n") == f"--model_dir={model_dir}"]
+    assert len(own) == 1, lines
+    lines[own[0]] = f"--model_dir={to}\n"
+    flags_txt.write_text("".join(lines))
+    return to
 
 
 # --- Virtual CPU devices, once for the whole session ------------------------

@@ -15,18 +15,16 @@ def _run(*args, timeout=240):
 
 
 @pytest.mark.slow
-def test_train_then_resume_from_the_same_model_dir(tmp_path, embedded_cache):
-    common = [f"--model_dir={tmp_path}/run", f"--cache_dir={embedded_cache}", "--backbone=tiny_cnn",
-              "--batch_size=16", "--steps_per_epoch=4", "--unfreeze_at=1", "--progress=false"]
-    first = _run(*common, "--epochs=1")
-    assert first.returncode == 0, first.stderr
-    assert "epoch 1:" in first.stdout and "fresh start" in first.stdout
-    assert open(tmp_path / "run" / "flags.txt").read().count("--backbone=tiny_cnn") == 1
+def test_train_then_resume_from_the_same_model_dir(tiny_run, own_tiny_run):
+    # The first run: conftest's tiny_run (one frozen epoch), trained once; this test resumes a copy.
+    run = own_tiny_run
+    assert "epoch 1:" in tiny_run["stdout"] and "fresh start" in tiny_run["stdout"]
+    assert open(run / "flags.txt").read().count("--backbone=tiny_cnn") == 1
     # Again, through a flagfile of the effective flags (it repeats the setup), one epoch longer.
-    second = _run(f"--flagfile={tmp_path}/run/flags.txt", "--epochs=2")
+    second = _run(f"--flagfile={run}/flags.txt", "--epochs=2")
     assert second.returncode == 0, second.stderr
     assert "resumed" in second.stdout and "epoch 2:" in second.stdout and "epoch 1:" not in second.stdout
-    rows = open(tmp_path / "run" / "metrics.csv").read().splitlines()
+    rows = open(run / "metrics.csv").read().splitlines()
     assert rows[0].startswith("epoch,loss") and len(rows) == 3
 
 
@@ -61,13 +59,10 @@ def test_csv_naming_a_missing_image_is_a_one_line_error(tmp_path, embedded_cache
 
 @pytest.mark.slow
 def test_readme_flagfile_commands_evaluate_and_export_and_a_failed_run_keeps_flags_txt(
-        tmp_path, embedded_cache):
-    """The documented flow: train, then `--mode=eval|export --flagfile=RUN/flags.txt`."""
-    run = tmp_path / "run"
-    first = _run(f"--model_dir={run}", f"--cache_dir={embedded_cache}", "--backbone=tiny_cnn",
-                 "--batch_size=16", "--steps_per_epoch=2", "--epochs=1", "--ema_decay=0.9",
-                 "--progress=false")
-    assert first.returncode == 0, first.stderr
+        own_tiny_run):
+    """The documented flow: train (conftest's tiny_run, one epoch of 2 steps with EMA; this
+    test's copy), then `--mode=eval|export --flagfile=RUN/flags.txt`."""
+    run = own_tiny_run
     assert (run / "thresholds.json").exists() and (run / "thresholds_ema.json").exists()
     flags_txt = (run / "flags.txt").read_text()
     assert "--mode=" not in flags_txt
