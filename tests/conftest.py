@@ -29,6 +29,32 @@ def parse():
     f.unparse_flags()
 
 
+@pytest.fixture
+def train_main_here(capfd):
+    """Runs train_main's main() in this process on the given flags: (exit code, stdout, stderr).
+
+    For errors met after TensorFlow loads, where a process of its own would
+    spend most of its time importing TensorFlow: main() returns the code the
+    CLI exits with and prints what it prints. Flag-parsing errors (absl's,
+    before main) and the process's exit code are for a real process.
+    """
+    from absl import flags, logging
+    import train_main
+    f = flags.FLAGS
+    verbosity = logging.get_verbosity()
+
+    def _main(*args):
+        f.unparse_flags()
+        f(["train_main.py", *args])  # as the CLI parses them
+        capfd.readouterr()
+        code = train_main.main(["train_main.py"])
+        out, err = capfd.readouterr()
+        return code, out, err
+    yield _main
+    f.unparse_flags()
+    logging.set_verbosity(verbosity)  # main() lowers it for the whole process
+
+
 @pytest.fixture(scope="session")
 def replica_runs(tmp_path_factory):
     """{N: the npz tests/replicas_worker.py wrote on N virtual CPUs} for N = 1, 2, 3.

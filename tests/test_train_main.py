@@ -28,15 +28,13 @@ def test_train_then_resume_from_the_same_model_dir(tiny_run, own_tiny_run):
     assert rows[0].startswith("epoch,loss") and len(rows) == 3
 
 
+# In a process of its own: errors found before TensorFlow loads (absl's flag parsing,
+# the config checks) and the one that needs its own devices (3 virtual CPUs).
 @pytest.mark.parametrize("args,message", [
     (["--backbone=vgg16"], "error: --backbone=vgg16 is not one of"),
-    (["--backbone=inceptionv3", "--input_size=40"], "error: --input_size=40 is below inceptionv3's minimum of 75"),
-    (["--data_dir=/nonexistent/data"], "error: --data_dir=/nonexistent/data does not exist"),
     (["--mode=serve"], "error: --mode=serve is not one of"),
     (["--flagfile=/nonexistent/flags.txt"], "error: Unable to open flagfile"),
-    (["--mode=eval"], "error: --model_dir="),
     (["--epochs=abc"], "error: flag --epochs=abc: invalid literal"),
-    (["--loss=foo"], "error: --loss=foo: unknown loss 'foo'; choose from bce"),
     (["--strategy=mirrored", "--num_virtual_cpus=3", "--batch_size=16"],
      "error: --batch_size=16 does not split evenly over 3 replicas"),
 ])
@@ -48,13 +46,31 @@ def test_user_errors_are_one_line_with_a_nonzero_exit(tmp_path, embedded_cache, 
     assert "Traceback" not in result.stderr
 
 
-def test_csv_naming_a_missing_image_is_a_one_line_error(tmp_path, embedded_cache):
+# Found once TensorFlow is loaded (building the model, the data, the loss; the model_dir):
+# main() in this process, which returns the code the CLI exits with.
+@pytest.mark.parametrize("args,message", [
+    (["--backbone=inceptionv3", "--input_size=40"], "error: --input_size=40 is below inceptionv3's minimum of 75"),
+    (["--data_dir=/nonexistent/data"], "error: --data_dir=/nonexistent/data does not exist"),
+    (["--mode=eval"], "error: --model_dir="),
+    (["--loss=foo"], "error: --loss=foo: unknown loss 'foo'; choose from bce"),
+])
+def test_user_errors_after_tensorflow_loads_are_one_line_with_exit_code_2(
+        tmp_path, embedded_cache, train_main_here, args, message):
+    code, _, err = train_main_here(f"--model_dir={tmp_path}/run", f"--cache_dir={embedded_cache}",
+                                   *args)
+    assert code == 2
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert lines[-1].startswith(message), err
+    assert "Traceback" not in err
+
+
+def test_csv_naming_a_missing_image_is_a_one_line_error(tmp_path, train_main_here):
     data = tmp_path / "planet"
     (data / "images").mkdir(parents=True)
     (data / "labels.csv").write_text("image_name,tags\ntrain_0,clear primary\n")
-    result = _run(f"--model_dir={tmp_path}/run", f"--data_dir={data}")
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "train_0" in result.stderr.splitlines()[-1]
+    code, _, err = train_main_here(f"--model_dir={tmp_path}/run", f"--data_dir={data}")
+    assert code == 2 and "Traceback" not in err
+    assert "train_0" in err.splitlines()[-1]
 
 
 @pytest.mark.slow
