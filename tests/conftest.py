@@ -59,20 +59,27 @@ def train_main_here(capfd):
 def replica_runs(tmp_path_factory):
     """{N: the npz tests/replicas_worker.py wrote on N virtual CPUs} for N = 1, 2, 3.
 
-    Processes of their own (this session's CPU is split in 2 for good), run at once,
-    once for the whole run (under pytest-xdist too: see shared_dir).
+    3 replicas need a process of their own (this session's CPU is split in 2 for
+    good); 1 and 2 are recorded here, on this session's devices, meanwhile. Once
+    for the whole run (under pytest-xdist too: see shared_dir).
     """
     import numpy as np
+    import replicas_worker
     with shared_dir(tmp_path_factory, "replicas") as (root, made):
         if not made:
             env = dict(os.environ, PYTHONPATH=os.path.dirname(TESTS), TF_CPP_MIN_LOG_LEVEL="2")
-            procs = {n: subprocess.Popen(
-                [sys.executable, os.path.join(TESTS, "replicas_worker.py"), str(n),
-                 str(root / f"{n}.npz")], env=env, stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT, text=True) for n in (1, 2, 3)}
-            for n, proc in procs.items():
+            proc = subprocess.Popen([sys.executable, os.path.join(TESTS, "replicas_worker.py"),
+                                     "3", str(root / "3.npz")], env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            try:
+                for n in (1, 2):
+                    replicas_worker.record([f"/cpu:{i}" for i in range(n)], root / f"{n}.npz")
                 log, _ = proc.communicate(timeout=300)
-                assert proc.returncode == 0, f"replicas_worker.py {n}:\n{log[-3000:]}"
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+            assert proc.returncode == 0, f"replicas_worker.py 3:\n{log[-3000:]}"
         return {n: np.load(root / f"{n}.npz") for n in (1, 2, 3)}
 
 
