@@ -259,8 +259,11 @@ def test_sync_bn_averages_statistics_across_replicas():
     update moving statistics as if it saw the whole batch on one device.
     The session's CPU is split into two devices (tests/conftest.py)."""
     import tensorflow as tf
+    from engine import distribute
     x = np.concatenate([np.zeros((4, 8, 8, 3)), np.full((4, 8, 8, 3), 255.0)]).astype("float32")
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    # Fresh collective keys: a strategy made directly here would share its all-reduce keys
+    # with the next test's (engine/distribute.py).
+    strategy = distribute.mirrored_strategy(["/cpu:0", "/cpu:1"])
 
     def moving_mean(sync):
         with strategy.scope():
