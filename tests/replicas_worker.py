@@ -3,7 +3,9 @@
     python tests/replicas_worker.py N OUT.npz
 
 The device count is fixed once per process and the test session already
-split the CPU into 2, so 3 replicas need their own process. Writes to OUT.npz:
+split the CPU into 2, so 3 replicas need their own process; the session
+records 1 and 2 replicas on its own devices (record(), conftest.py's
+replica_runs). Writes to OUT.npz:
 
   rows_<step>_<j>, device_<step>_<j>   the row ids replica j received at each step
                                        of replica_batches (and the device it is on)
@@ -175,7 +177,11 @@ def short_eval(strategy, local, out):
 
 
 def main(n, path):
-    devices = split_devices(int(n))
+    record(split_devices(int(n)), path)
+
+
+def record(devices, path):
+    """Everything above for a MirroredStrategy over `devices`, written to path (an npz)."""
     import numpy as np
     from engine import distribute
     strategy = distribute.mirrored_strategy(devices)

@@ -5,11 +5,6 @@ weights (never 'imagenet': no network) and shared through a module fixture;
 inceptionv3 and resnet50 are the slow ones at about 1-2 s a build.
 """
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import keras
 import numpy as np
 import pytest
@@ -18,7 +13,6 @@ from models import BACKBONES, MIN_INPUT_SIZE, ModelError, backbone_blocks, build
 from models.backbones import fold_efficientnet_stddev
 
 REAL = [b for b in BACKBONES if b != "tiny_cnn"]
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -263,33 +257,25 @@ def test_sync_bn_sets_every_batchnorm():
 def test_sync_bn_averages_statistics_across_replicas():
     """Two virtual CPUs see different halves of a batch; synchronized BN must
     update moving statistics as if it saw the whole batch on one device.
-    Runs in a subprocess because virtual devices must be set before TF starts."""
-    script = textwrap.dedent("""
-        import numpy as np, tensorflow as tf
-        cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(
-            cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-        from models import build_model
-        x = np.concatenate([np.zeros((4, 8, 8, 3)), np.full((4, 8, 8, 3), 255.0)]).astype("float32")
-        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-        def moving_mean(sync):
-            with strategy.scope():
-                model = build_model("tiny_cnn", 8, 2, sync_bn=sync, seed=1)
-            dist = strategy.experimental_distribute_dataset(
-                tf.data.Dataset.from_tensor_slices(x).batch(8))
-            step = tf.function(lambda b: strategy.run(lambda t: model(t, training=True), args=(b,)))
-            for batch in dist:
-                step(batch)
-            return model.get_layer("backbone").get_layer("block1_bn").moving_mean.numpy()
-        reference = build_model("tiny_cnn", 8, 2, seed=1)
-        reference(x, training=True)
-        ref = reference.get_layer("backbone").get_layer("block1_bn").moving_mean.numpy()
-        assert np.allclose(moving_mean(True), ref, atol=1e-5), "sync_bn did not sync"
-        assert not np.allclose(moving_mean(False), ref, atol=1e-5), "test cannot tell"
-        print("OK")
-    """)
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               TF_CPP_MIN_LOG_LEVEL="2")
-    run = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0 and "OK" in run.stdout, run.stderr[-2000:]
+    The session's CPU is split into two devices (tests/conftest.py)."""
+    import tensorflow as tf
+    from engine import distribute
+    x = np.concatenate([np.zeros((4, 8, 8, 3)), np.full((4, 8, 8, 3), 255.0)]).astype("float32")
+    # Fresh collective keys: a strategy made directly here would share its all-reduce keys
+    # with the next test's (engine/distribute.py).
+    strategy = distribute.mirrored_strategy(["/cpu:0", "/cpu:1"])
+
+    def moving_mean(sync):
+        with strategy.scope():
+            model = build_model("tiny_cnn", 8, 2, sync_bn=sync, seed=1)
+        dist = strategy.experimental_distribute_dataset(
+            tf.data.Dataset.from_tensor_slices(x).batch(8))
+        step = tf.function(lambda b: strategy.run(lambda t: model(t, training=True), args=(b,)))
+        for batch in dist:
+            step(batch)
+        return model.get_layer("backbone").get_layer("block1_bn").moving_mean.numpy()
+    reference = build_model("tiny_cnn", 8, 2, seed=1)
+    reference(x, training=True)
+    ref = reference.get_layer("backbone").get_layer("block1_bn").moving_mean.numpy()
+    assert np.allclose(moving_mean(True), ref, atol=1e-5), "sync_bn did not sync"
+    assert not np.allclose(moving_mean(False), ref, atol=1e-5), "test cannot tell"

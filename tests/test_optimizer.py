@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from engine.config import OptimizerConfig
-from engine import freeze
+from engine import distribute, freeze
 from engine.optimizer import (FusedAdam, FusedAdamW, FusedSGD, group_lr_multiplier,
                               make_keras_optimizer, make_param_groups, make_schedule)
 from engine.state import TrainingState
@@ -167,7 +167,9 @@ def test_fused_optimizers_give_keras_own_weights_and_slots(name, extra):
 
 
 def test_fused_adam_under_a_two_replica_mirrored_strategy_updates_both_copies_alike():
-    strategy = tf.distribute.MirroredStrategy(tf.config.list_logical_devices("CPU")[:2])
+    # engine's helper: fresh collective keys, so this strategy's all-reduces cannot collide with
+    # another test's in the same process (engine/distribute.py)
+    strategy = distribute.mirrored_strategy(tf.config.list_logical_devices("CPU")[:2])
     if strategy.num_replicas_in_sync < 2:
         pytest.skip("needs two virtual CPUs")
     with strategy.scope():

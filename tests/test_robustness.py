@@ -272,15 +272,14 @@ def _data_with_a_broken_image(directory):
     return str(directory)
 
 
-def test_an_undecodable_image_stops_the_cli_with_one_line_naming_it(tmp_path, embedded_cache):
+def test_an_undecodable_image_stops_the_cli_with_one_line_naming_it(tmp_path, train_main_here):
     data_dir = _data_with_a_broken_image(tmp_path)
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "train_main.py"), f"--model_dir={tmp_path}/run",
-         f"--data_dir={data_dir}", "--backbone=tiny_cnn", "--batch_size=4", "--epochs=1",
-         "--progress=false"], env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
-    last = [l for l in result.stderr.splitlines() if l.strip()][-1]
+    code, _, err = train_main_here(f"--model_dir={tmp_path}/run", f"--data_dir={data_dir}",
+                                   "--backbone=tiny_cnn", "--batch_size=4", "--epochs=1",
+                                   "--progress=false")
+    assert code == 2, err[-2000:]
+    assert "Traceback" not in err
+    last = [l for l in err.splitlines() if l.strip()][-1]
     # BN calibration reads the training split first: its broken record is the one met
     assert last.startswith("error: ") and "train-00000-of-00001.tfrecord record 16: image does " \
         "not decode" in last and "--skip_bad_records" in last, last

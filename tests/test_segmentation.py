@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 from absl import flags
 
+from engine import distribute
 from engine import flags as engine_flags
 from engine import freeze
 from engine.config import (Config, ConfigError, DataConfig, FreezeConfig, LossConfig, ModelConfig,
@@ -182,7 +183,9 @@ def test_bad_masks_are_named_at_open(tmp_path):
 
 # ---------------------------------------------------------- eval step
 def test_seg_eval_batch_pads_a_short_batch_over_two_replicas():
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    # engine's helper: fresh collective keys (a strategy made directly can collide with the
+    # all-reduces of another test's strategy in the same process; engine/distribute.py)
+    strategy = distribute.mirrored_strategy(["/cpu:0", "/cpu:1"])
     with strategy.scope():
         model = _seg_model("unet", size=16, classes=3, unet_depth=2, unet_filters=4)
     loss = make_loss("ce", num_labels=3, task="segmentation")

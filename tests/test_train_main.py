@@ -15,30 +15,26 @@ def _run(*args, timeout=240):
 
 
 @pytest.mark.slow
-def test_train_then_resume_from_the_same_model_dir(tmp_path, embedded_cache):
-    common = [f"--model_dir={tmp_path}/run", f"--cache_dir={embedded_cache}", "--backbone=tiny_cnn",
-              "--batch_size=16", "--steps_per_epoch=4", "--unfreeze_at=1", "--progress=false"]
-    first = _run(*common, "--epochs=1")
-    assert first.returncode == 0, first.stderr
-    assert "epoch 1:" in first.stdout and "fresh start" in first.stdout
-    assert open(tmp_path / "run" / "flags.txt").read().count("--backbone=tiny_cnn") == 1
+def test_train_then_resume_from_the_same_model_dir(tiny_run, own_tiny_run):
+    # The first run: conftest's tiny_run (one frozen epoch), trained once; this test resumes a copy.
+    run = own_tiny_run
+    assert "epoch 1:" in tiny_run["stdout"] and "fresh start" in tiny_run["stdout"]
+    assert open(run / "flags.txt").read().count("--backbone=tiny_cnn") == 1
     # Again, through a flagfile of the effective flags (it repeats the setup), one epoch longer.
-    second = _run(f"--flagfile={tmp_path}/run/flags.txt", "--epochs=2")
+    second = _run(f"--flagfile={run}/flags.txt", "--epochs=2")
     assert second.returncode == 0, second.stderr
     assert "resumed" in second.stdout and "epoch 2:" in second.stdout and "epoch 1:" not in second.stdout
-    rows = open(tmp_path / "run" / "metrics.csv").read().splitlines()
+    rows = open(run / "metrics.csv").read().splitlines()
     assert rows[0].startswith("epoch,loss") and len(rows) == 3
 
 
+# In a process of its own: errors found before TensorFlow loads (absl's flag parsing,
+# the config checks) and the one that needs its own devices (3 virtual CPUs).
 @pytest.mark.parametrize("args,message", [
     (["--backbone=vgg16"], "error: --backbone=vgg16 is not one of"),
-    (["--backbone=inceptionv3", "--input_size=40"], "error: --input_size=40 is below inceptionv3's minimum of 75"),
-    (["--data_dir=/nonexistent/data"], "error: --data_dir=/nonexistent/data does not exist"),
     (["--mode=serve"], "error: --mode=serve is not one of"),
     (["--flagfile=/nonexistent/flags.txt"], "error: Unable to open flagfile"),
-    (["--mode=eval"], "error: --model_dir="),
     (["--epochs=abc"], "error: flag --epochs=abc: invalid literal"),
-    (["--loss=foo"], "error: --loss=foo: unknown loss 'foo'; choose from bce"),
     (["--strategy=mirrored", "--num_virtual_cpus=3", "--batch_size=16"],
      "error: --batch_size=16 does not split evenly over 3 replicas"),
 ])
@@ -50,24 +46,39 @@ def test_user_errors_are_one_line_with_a_nonzero_exit(tmp_path, embedded_cache, 
     assert "Traceback" not in result.stderr
 
 
-def test_csv_naming_a_missing_image_is_a_one_line_error(tmp_path, embedded_cache):
+# Found once TensorFlow is loaded (building the model, the data, the loss; the model_dir):
+# main() in this process, which returns the code the CLI exits with.
+@pytest.mark.parametrize("args,message", [
+    (["--backbone=inceptionv3", "--input_size=40"], "error: --input_size=40 is below inceptionv3's minimum of 75"),
+    (["--data_dir=/nonexistent/data"], "error: --data_dir=/nonexistent/data does not exist"),
+    (["--mode=eval"], "error: --model_dir="),
+    (["--loss=foo"], "error: --loss=foo: unknown loss 'foo'; choose from bce"),
+])
+def test_user_errors_after_tensorflow_loads_are_one_line_with_exit_code_2(
+        tmp_path, embedded_cache, train_main_here, args, message):
+    code, _, err = train_main_here(f"--model_dir={tmp_path}/run", f"--cache_dir={embedded_cache}",
+                                   *args)
+    assert code == 2
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert lines[-1].startswith(message), err
+    assert "Traceback" not in err
+
+
+def test_csv_naming_a_missing_image_is_a_one_line_error(tmp_path, train_main_here):
     data = tmp_path / "planet"
     (data / "images").mkdir(parents=True)
     (data / "labels.csv").write_text("image_name,tags\ntrain_0,clear primary\n")
-    result = _run(f"--model_dir={tmp_path}/run", f"--data_dir={data}")
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "train_0" in result.stderr.splitlines()[-1]
+    code, _, err = train_main_here(f"--model_dir={tmp_path}/run", f"--data_dir={data}")
+    assert code == 2 and "Traceback" not in err
+    assert "train_0" in err.splitlines()[-1]
 
 
 @pytest.mark.slow
 def test_readme_flagfile_commands_evaluate_and_export_and_a_failed_run_keeps_flags_txt(
-        tmp_path, embedded_cache):
-    """The documented flow: train, then `--mode=eval|export --flagfile=RUN/flags.txt`."""
-    run = tmp_path / "run"
-    first = _run(f"--model_dir={run}", f"--cache_dir={embedded_cache}", "--backbone=tiny_cnn",
-                 "--batch_size=16", "--steps_per_epoch=2", "--epochs=1", "--ema_decay=0.9",
-                 "--progress=false")
-    assert first.returncode == 0, first.stderr
+        own_tiny_run):
+    """The documented flow: train (conftest's tiny_run, one epoch of 2 steps with EMA; this
+    test's copy), then `--mode=eval|export --flagfile=RUN/flags.txt`."""
+    run = own_tiny_run
     assert (run / "thresholds.json").exists() and (run / "thresholds_ema.json").exists()
     flags_txt = (run / "flags.txt").read_text()
     assert "--mode=" not in flags_txt

@@ -263,12 +263,30 @@ def test_resume_at_a_switch_restarts_the_ema_of_what_starts_changing_only(
         assert int(trainer.parts.counters.unfrozen.numpy()) == 3
 
 
+@pytest.fixture(scope="module")
+def one_epoch_runs(embedded_cache, tmp_path_factory):
+    """unfreeze_at -> (model_dir, state values) of a run trained one epoch, made on first use;
+    a test restores a copy of its own."""
+    runs = {}
+
+    def get(unfreeze_at):
+        if unfreeze_at not in runs:
+            first = Trainer(_config(tmp_path_factory.mktemp(f"first{unfreeze_at}"), embedded_cache,
+                                    epochs=1, unfreeze_at=unfreeze_at))
+            first.train()
+            runs[unfreeze_at] = first.parts.model_dir, first.parts.state.values()
+        return runs[unfreeze_at]
+    return get
+
+
 @pytest.mark.parametrize("first_unfreeze,second_unfreeze", [(5, 5), (5, 0), (0, 0), (0, 5)],
                          ids=["frozen->frozen", "frozen->unfrozen", "unfrozen->unfrozen", "unfrozen->frozen"])
-def test_restore_in_all_four_directions(tmp_path, embedded_cache, first_unfreeze, second_unfreeze):
-    first = Trainer(_config(tmp_path, embedded_cache, epochs=1, unfreeze_at=first_unfreeze))
-    first.train()
-    saved = first.parts.state.values()
+def test_restore_in_all_four_directions(tmp_path, embedded_cache, one_epoch_runs, first_unfreeze,
+                                        second_unfreeze):
+    # The first run (one epoch, frozen throughout or unfrozen from the start): trained once
+    # for both directions out of it; this test resumes a copy.
+    first_dir, saved = one_epoch_runs(first_unfreeze)
+    shutil.copytree(first_dir, tmp_path / "run")
     second = Trainer(_config(tmp_path, embedded_cache, epochs=2, unfreeze_at=second_unfreeze))
     line = second.restore()
     assert "missing" not in line and "wrong shape" not in line

@@ -1,8 +1,4 @@
 """Warm start from users' own files: honest counts, and a loud stop when little fits."""
-import os
-import subprocess
-import sys
-
 import keras
 import numpy as np
 import pytest
@@ -12,8 +8,6 @@ from engine.config import Config, ConfigError, TrainConfig
 from engine.state import StateError, TrainingState, model_variable_keys
 from engine.warm_start import count_weights_file, warm_start
 from models import build_model
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Engine:
@@ -224,14 +218,9 @@ def test_weights_file_of_the_backbone_is_counted(fitted, tmp_path):
         count_weights_file(path, other)
 
 
-def _train_main(*args):
-    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run([sys.executable, os.path.join(ROOT, "train_main.py"), *args],
-                          capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
-
-
 def test_train_main_stops_on_a_bad_warm_start_and_prints_a_good_one(fitted, tmp_path,
-                                                                     embedded_cache):
+                                                                     embedded_cache,
+                                                                     train_main_here):
     model, good = fitted
     inputs = keras.Input((6,))
     bad = tf.train.Checkpoint(model=keras.Model(inputs, keras.layers.Dense(2)(inputs))).write(
@@ -241,14 +230,15 @@ def test_train_main_stops_on_a_bad_warm_start_and_prints_a_good_one(fitted, tmp_
     common = [f"--cache_dir={embedded_cache}", "--backbone=tiny_cnn", "--batch_size=8",
               "--steps_per_epoch=1", "--epochs=1", "--progress=false"]
 
-    result = _train_main(f"--model_dir={tmp_path}/a", f"--init_checkpoint={bad}", *common)
-    lines = [l for l in result.stderr.splitlines() if l.strip()]
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    code, _, err = train_main_here(f"--model_dir={tmp_path}/a", f"--init_checkpoint={bad}",
+                                   *common)
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert code == 2 and "Traceback" not in err, err
     assert lines[-1].startswith(f"error: --init_checkpoint={bad} does not fit this model")
     assert "0 of 22 model tensors matched" in lines[-1]
 
-    result = _train_main(f"--model_dir={tmp_path}/b", f"--init_checkpoint={good}",
-                         f"--weights={backbone}", *common)
-    assert result.returncode == 0, result.stderr
-    assert "--weights: restored 20 of 20 backbone tensors" in result.stdout
-    assert "warm start: restored " in result.stdout and " of 22 model tensors" in result.stdout
+    code, out, err = train_main_here(f"--model_dir={tmp_path}/b", f"--init_checkpoint={good}",
+                                     f"--weights={backbone}", *common)
+    assert code == 0, err
+    assert "--weights: restored 20 of 20 backbone tensors" in out
+    assert "warm start: restored " in out and " of 22 model tensors" in out
